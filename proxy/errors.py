@@ -1,0 +1,106 @@
+"""The proxy's own errors. Each maps to one HTTP status and one stable code.
+
+    ProxyError
+    ├── BadRequest (400 bad_request)
+    │   ├── ForbiddenTarget (400 forbidden_target)       SSRF attempts, odd paths
+    │   └── UnknownCredential (400 unknown_credential)
+    ├── CredentialEndpointBlocked (403 credential_endpoint_blocked)
+    ├── BodyTooLarge (413 body_too_large)
+    ├── RateLimited (429 rate_limited)
+    ├── UpstreamUnreachable (502 upstream_unreachable)
+    ├── NoUsableToken (503 no_usable_token)
+    │   └── ReauthorizationRequired (503 reauthorization_required)
+    ├── StoreUnavailable (503 store_unavailable)
+    │   └── RecordUnreadable (503 record_unreadable)  wrong encryption key, corruption
+    └── UpstreamTimeout (504 upstream_timeout)
+
+    TokenEndpointError                                    not an HTTP error: refresh outcome
+    ├── TokenRejected           4xx from the token endpoint: permanent, needs a human
+    └── TokenEndpointUnavailable 5xx, timeout, bad answer: transient, retry with backoff
+
+Messages say what happened and what to do; they never contain a secret.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    status = 500
+    code = "internal_error"
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status, code = 400, "bad_request"
+
+
+class ForbiddenTarget(BadRequest):
+    code = "forbidden_target"
+
+
+class UnknownCredential(BadRequest):
+    code = "unknown_credential"
+
+
+class CredentialEndpointBlocked(ProxyError):
+    status, code = 403, "credential_endpoint_blocked"
+
+
+class BodyTooLarge(ProxyError):
+    status, code = 413, "body_too_large"
+
+
+class RateLimited(ProxyError):
+    status, code = 429, "rate_limited"
+
+
+class UpstreamUnreachable(ProxyError):
+    status, code = 502, "upstream_unreachable"
+
+
+class NoUsableToken(ProxyError):
+    status, code = 503, "no_usable_token"
+    retry_after = 5.0
+
+
+class ReauthorizationRequired(NoUsableToken):
+    code = "reauthorization_required"
+    retry_after = 60.0
+
+
+class StoreUnavailable(ProxyError):
+    status, code = 503, "store_unavailable"
+    retry_after = 5.0
+
+
+class UpstreamTimeout(ProxyError):
+    status, code = 504, "upstream_timeout"
+
+
+class TokenEndpointError(Exception):
+    """The token endpoint did not give a token. `reason` is safe to log."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class TokenRejected(TokenEndpointError):
+    """A 4xx: the refresh token or client is bad. Retrying cannot help."""
+
+
+class TokenEndpointUnavailable(TokenEndpointError):
+    """A 5xx, a timeout, or an unreadable answer. Retry later."""
+
+
+class RecordUnreadable(StoreUnavailable):
+    """A stored record that cannot be decrypted or parsed (wrong key, corruption)."""
+
+    code = "record_unreadable"

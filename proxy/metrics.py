@@ -1,0 +1,91 @@
+"""Prometheus metrics, all in one registry that the app factory passes around.
+
+Labels are credential names, methods, status classes and error codes: never a secret,
+never a path (paths carry reservation and guest ids).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cbproxy_requests", "Requests answered", ["method", "status_class"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "cbproxy_upstream_latency_seconds",
+            "Time from sending upstream to response headers",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.proxy_errors = Counter(
+            "cbproxy_proxy_errors", "Errors the proxy answered itself", ["code"], registry=r
+        )
+        self.token_expires_in = Gauge(
+            "cbproxy_token_expires_in_seconds",
+            "Seconds until the credential's access token expires (0 when none)",
+            ["credential"],
+            registry=r,
+        )
+        self.credential_state = Gauge(
+            "cbproxy_credential_state",
+            "1 for the credential's current state, 0 for the others",
+            ["credential", "state"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "cbproxy_token_refreshes",
+            "Calls to the token endpoint by outcome (ok, transient, rejected)",
+            ["credential", "outcome"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "cbproxy_token_refresh_duration_seconds",
+            "Duration of token endpoint calls",
+            ["credential"],
+            registry=r,
+        )
+        self.lock_waits = Counter(
+            "cbproxy_lock_waits",
+            "Refreshes this replica left to the replica holding the lock",
+            ["credential"],
+            registry=r,
+        )
+        self.lock_losses = Counter(
+            "cbproxy_lock_losses",
+            "Refresh results refused because a newer generation was stored",
+            ["credential"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "cbproxy_401_replays",
+            "Requests replayed after a 401 and a refresh, by outcome (replayed, not_replayed)",
+            ["credential", "outcome"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "cbproxy_redis_errors", "Failed store operations", ["operation"], registry=r
+        )
+        self.ratelimit_admitted = Counter(
+            "cbproxy_ratelimit_admitted", "Requests admitted at once", ["credential"], registry=r
+        )
+        self.ratelimit_delayed = Histogram(
+            "cbproxy_ratelimit_delay_seconds",
+            "Wait imposed on requests that were shaped",
+            ["credential"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+        )
+        self.ratelimit_refused = Counter(
+            "cbproxy_ratelimit_refused", "Requests refused with 429", ["credential"], registry=r
+        )
+        self.ratelimit_paused = Gauge(
+            "cbproxy_ratelimit_paused",
+            "1 while Cloudbeds asked this credential to pause",
+            ["credential"],
+            registry=r,
+        )
