@@ -1,0 +1,113 @@
+"""The Cloudbeds token endpoint, sans-I/O: build the request, decode the answer.
+
+`POST {token_url}`, form-encoded, `client_id` and `client_secret` in the body, no auth
+header (Cloudbeds OpenAPI spec, `cloudbeds-pms-v1-3`). Grants: `refresh_token` and
+`authorization_code` (+ `redirect_uri`, `code`). Success is
+`{access_token, token_type, expires_in, refresh_token, resources: [{type, id}]}`.
+Any 4xx is permanent (the refresh token or client needs a human); a 5xx, a timeout or an
+answer we cannot read is transient. `send_token_request` is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from proxy.errors import TokenEndpointUnavailable, TokenRejected
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenResponse:
+    access_token: str = dataclasses.field(repr=False)
+    expires_in: float
+    refresh_token: str | None = dataclasses.field(repr=False)
+    properties: tuple[str, ...]
+
+
+def refresh_form(client_id: str, client_secret: str, refresh_token: str) -> dict[str, str]:
+    return {
+        "grant_type": "refresh_token",
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "refresh_token": refresh_token,
+    }
+
+
+def code_form(client_id: str, client_secret: str, redirect_uri: str, code: str) -> dict[str, str]:
+    return {
+        "grant_type": "authorization_code",
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "redirect_uri": redirect_uri,
+        "code": code,
+    }
+
+
+def decode_token_response(status: int, body: bytes) -> TokenResponse:
+    """Turn the endpoint's answer into a TokenResponse or raise a TokenEndpointError."""
+    data = _json_object(body)
+    if 400 <= status < 500:
+        error = str(data.get("error", "unknown_error"))
+        # The description is Cloudbeds' text about our request; it never echoes a secret.
+        description = str(data.get("error_description") or data.get("message") or "")[:200]
+        raise TokenRejected(f"{error}: {description}".rstrip(": "), status=status)
+    if status != 200:
+        raise TokenEndpointUnavailable(f"token endpoint answered HTTP {status}", status=status)
+    access_token, expires_in = data.get("access_token"), data.get("expires_in")
+    if not isinstance(access_token, str) or not access_token:
+        raise TokenEndpointUnavailable("token endpoint answered 200 without an access_token")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+        raise TokenEndpointUnavailable("token endpoint answered without a usable expires_in")
+    try:
+        lifetime = float(expires_in)
+    except ValueError:
+        raise TokenEndpointUnavailable("token endpoint answered a non-numeric expires_in") from None
+    refresh = data.get("refresh_token")
+    return TokenResponse(
+        access_token=access_token,
+        expires_in=lifetime,
+        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
+        properties=_properties(data.get("resources")),
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _properties(resources: Any) -> tuple[str, ...]:
+    if not isinstance(resources, list):
+        return ()
+    return tuple(
+        str(r["id"])
+        for r in resources
+        if isinstance(r, dict) and r.get("type") == "property" and "id" in r
+    )
+
+
+async def send_token_request(
+    session: aiohttp.ClientSession, url: str, form: Mapping[str, str], timeout: float
+) -> TokenResponse:
+    """POST the form to the token endpoint; aiohttp errors become TokenEndpointUnavailable."""
+    try:
+        async with session.post(
+            url, data=dict(form), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            body = await response.read()
+            status = response.status
+    except TimeoutError:
+        raise TokenEndpointUnavailable(f"token endpoint timed out after {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        # str(exc) may hold the URL but never the form; name only the error class.
+        raise TokenEndpointUnavailable(
+            f"token endpoint unreachable ({type(exc).__name__})"
+        ) from None
+    return decode_token_response(status, body)

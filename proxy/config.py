@@ -1,0 +1,339 @@
+"""Configuration: one frozen object, built once, from the environment and a TOML file.
+
+This is the only module that reads `os.environ`. A variable overrides the file; every
+secret has a `_FILE` twin that reads it from a file (Docker and Kubernetes secrets).
+A bad value raises `ConfigError` naming the variable, and start-up stops with that line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+
+DEFAULT_CREDENTIAL = "default"
+PREFIX = "CBPROXY_"
+SECRETS = frozenset(
+    {"client_secret", "refresh_token", "api_key", "encryption_key", "redis_url"}
+)
+"""Settings that are masked by `check-config` and have a `_FILE` twin."""
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong. The message names it and says what to do."""
+
+
+class Kind(enum.StrEnum):
+    OAUTH = "oauth"
+    API_KEY = "api_key"
+
+
+@dataclasses.dataclass(frozen=True)
+class CredentialSettings:
+    name: str
+    kind: Kind
+    client_id: str | None = None
+    client_secret: str | None = dataclasses.field(default=None, repr=False)
+    redirect_uri: str | None = None
+    refresh_token: str | None = dataclasses.field(default=None, repr=False)
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    properties: tuple[str, ...] = ()
+    rate_limit: float = 5.0
+    rate_burst: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    credentials: tuple[CredentialSettings, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_url: str = "https://api.cloudbeds.com"
+    token_url: str = "https://api.cloudbeds.com/api/v1.3/access_token"
+    authorize_url: str = "https://api.cloudbeds.com/api/v1.3/oauth"
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    refresh_leeway: float = 300.0
+    log_format: str = "json"
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    token_timeout: float = 15.0
+    max_body_bytes: int = 115_343_360
+    replay_body_bytes: int = 1_048_576
+    lock_ttl: float = 30.0
+    shutdown_grace: float = 25.0
+    rate_max_wait: float = 2.0
+    wait_for_token: float = 10.0
+    poll_interval: float = 10.0
+
+    def credential(self, name: str) -> CredentialSettings | None:
+        return next((c for c in self.credentials if c.name == name), None)
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved configuration with every secret masked (for `check-config`)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            if field.name != "credentials":
+                out[field.name] = _mask(field.name, getattr(self, field.name))
+        out["credentials"] = {
+            c.name: {f.name: _mask(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)}
+            for c in self.credentials
+        }
+        return out
+
+
+def _mask(name: str, value: Any) -> Any:
+    if name in SECRETS or name == "encryption_keys":
+        return "<set>" if value else None
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+# Process-wide settings: (field, parser). Variable name is CBPROXY_ + field upper-cased.
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value.rstrip("/")
+
+
+def _redis_url(value: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme not in ("redis", "rediss", "redis+sentinel", "redis+cluster", "rediss+cluster"):
+        raise ValueError("must start with redis://, rediss://, redis+sentinel:// or redis+cluster://")
+    return value
+
+
+def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def check(value: str) -> T:
+        number = parse(value)
+        if number < 0:  # type: ignore[operator]
+            raise ValueError("must not be negative")
+        return number
+
+    return check
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError("must be a port number between 1 and 65535")
+    return port
+
+
+def _log_format(value: str) -> str:
+    if value not in ("json", "console"):
+        raise ValueError("must be json or console")
+    return value
+
+
+def _fernet_keys(value: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in value.split(",") if k.strip())
+    for key in keys:
+        try:
+            Fernet(key)
+        except ValueError:
+            # Never echo the key itself.
+            raise ValueError(
+                "each comma-separated key must be a Fernet key "
+                "(python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())')"
+            ) from None
+    return keys
+
+
+PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
+    "host": str,
+    "port": _port,
+    "upstream_url": _url,
+    "token_url": _url,
+    "authorize_url": _url,
+    "redis_url": _redis_url,
+    "encryption_key": _fernet_keys,
+    "refresh_leeway": _positive(float),
+    "log_format": _log_format,
+    "connect_timeout": _positive(float),
+    "read_timeout": _positive(float),
+    "token_timeout": _positive(float),
+    "max_body_bytes": _positive(int),
+    "replay_body_bytes": _positive(int),
+    "lock_ttl": _positive(float),
+    "shutdown_grace": _positive(float),
+    "rate_max_wait": _positive(float),
+    "wait_for_token": _positive(float),
+    "poll_interval": _positive(float),
+}
+CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
+    "client_id": str,
+    "client_secret": str,
+    "redirect_uri": str,
+    "refresh_token": str,
+    "api_key": str,
+    "rate_limit": _positive(float),
+    "rate_burst": _positive(int),
+}
+# Variables for the default credential: CBPROXY_RATE_LIMIT etc. apply to every credential
+# that does not set its own in the file.
+GLOBAL_CREDENTIAL_DEFAULTS = ("rate_limit", "rate_burst")
+
+
+class _Source:
+    """Looks a setting up in the environment (with `_FILE` twins), then in a TOML table."""
+
+    def __init__(self, environ: Mapping[str, str], table: Mapping[str, Any], where: str) -> None:
+        self.environ, self.table, self.where = environ, table, where
+
+    def get(self, name: str, parse: Callable[[str], T], *, env: bool = True) -> T | None:
+        var = PREFIX + name.upper()
+        raw, origin = None, var
+        if env:
+            raw, origin = self._from_env(var, secret=name in SECRETS)
+        if raw is None:
+            raw, origin = self._from_table(name)
+        if raw is None:
+            return None
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+
+    def _from_env(self, var: str, *, secret: bool) -> tuple[str | None, str]:
+        if secret and f"{var}_FILE" in self.environ:
+            return _read_secret_file(self.environ[f"{var}_FILE"], f"{var}_FILE"), f"{var}_FILE"
+        value = self.environ.get(var)
+        return (value if value != "" else None), var
+
+    def _from_table(self, name: str) -> tuple[str | None, str]:
+        origin = f"{self.where}.{name}"
+        if f"{name}_file" in self.table:
+            return _read_secret_file(str(self.table[f"{name}_file"]), f"{origin}_file"), origin
+        value = self.table.get(name)
+        if value is None:
+            return None, origin
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value), origin
+        return str(value), origin
+
+
+def _read_secret_file(path: str, origin: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read {path} ({exc.strerror})") from None
+
+
+def load_settings(environ: Mapping[str, str], config_file: str | None = None) -> Settings:
+    """Build the settings from `environ` and the optional TOML file; raise ConfigError."""
+    document = _read_toml(config_file) if config_file else {}
+    proxy_table = document.get("proxy", {})
+    source = _Source(environ, proxy_table, "[proxy]")
+    values: dict[str, Any] = {}
+    for name, parse in PROXY_FIELDS.items():
+        value = source.get(name, parse)
+        if value is not None:
+            values["encryption_keys" if name == "encryption_key" else name] = value
+    defaults = {n: source.get(n, CREDENTIAL_FIELDS[n]) for n in GLOBAL_CREDENTIAL_DEFAULTS}
+    credentials = _credentials(environ, document.get("credentials", {}), defaults)
+    settings = Settings(credentials=credentials, **values)
+    _check(settings)
+    return settings
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML ({exc})") from None
+
+
+def _credentials(
+    environ: Mapping[str, str], tables: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> tuple[CredentialSettings, ...]:
+    names = list(tables)
+    if DEFAULT_CREDENTIAL not in names and _env_defines_credential(environ):
+        names.insert(0, DEFAULT_CREDENTIAL)
+    result = []
+    for name in names:
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[credentials.{name}]: must be a table")
+        # Variables describe the default credential only.
+        source = _Source(environ, table, f"[credentials.{name}]")
+        env = name == DEFAULT_CREDENTIAL
+        values = {f: source.get(f, p, env=env) for f, p in CREDENTIAL_FIELDS.items()}
+        for field in GLOBAL_CREDENTIAL_DEFAULTS:
+            if values[field] is None:
+                values[field] = defaults[field]
+        props = table.get("properties", [])
+        result.append(_credential(name, values, tuple(str(p) for p in props)))
+    return tuple(result)
+
+
+def _env_defines_credential(environ: Mapping[str, str]) -> bool:
+    keys = ("CLIENT_ID", "CLIENT_SECRET", "API_KEY", "REFRESH_TOKEN")
+    return any(
+        environ.get(PREFIX + k) or environ.get(PREFIX + k + "_FILE") for k in keys
+    )
+
+
+def _credential(
+    name: str, values: dict[str, Any], properties: tuple[str, ...]
+) -> CredentialSettings:
+    where = "CBPROXY_" if name == DEFAULT_CREDENTIAL else f"[credentials.{name}]."
+    present = {k: v for k, v in values.items() if v is not None}
+    rate = present.pop("rate_limit", 5.0)
+    burst = present.pop("rate_burst", None)
+    burst = int(burst) if burst is not None else max(1, round(rate))
+    if present.get("api_key"):
+        if not present["api_key"].startswith("cbat_"):
+            raise ConfigError(f"{where}API_KEY: a Cloudbeds API key starts with cbat_")
+        kind = Kind.API_KEY
+    else:
+        for needed in ("client_id", "client_secret"):
+            if not present.get(needed):
+                raise ConfigError(
+                    f"{where}{needed.upper()}: required for an OAuth credential "
+                    f"(or set {where}API_KEY for an API key credential)"
+                )
+        kind = Kind.OAUTH
+    return CredentialSettings(
+        name=name, kind=kind, properties=properties, rate_limit=rate, rate_burst=burst, **present
+    )
+
+
+def _check(settings: Settings) -> None:
+    if settings.token_timeout >= settings.lock_ttl:
+        raise ConfigError(
+            "CBPROXY_LOCK_TTL: must exceed CBPROXY_TOKEN_TIMEOUT, or a slow refresh "
+            "outlives its lock and another replica refreshes too"
+        )
+    seen: dict[str, str] = {}
+    for cred in settings.credentials:
+        for prop in cred.properties:
+            if prop in seen:
+                raise ConfigError(
+                    f"[credentials.{cred.name}].properties: property {prop} is already "
+                    f"routed to credential {seen[prop]}"
+                )
+            seen[prop] = cred.name
+
+
+def require_credentials(settings: Settings) -> None:
+    """`serve` needs at least one credential; say how to give one."""
+    if not settings.credentials:
+        raise ConfigError(
+            "CBPROXY_CLIENT_ID: no credential configured. Set CBPROXY_CLIENT_ID and "
+            "CBPROXY_CLIENT_SECRET (OAuth) or CBPROXY_API_KEY, or [credentials.NAME] tables "
+            "in --config. To try the proxy without a Cloudbeds account: cloudbeds-proxy demo"
+        )

@@ -1,0 +1,102 @@
+"""Pure rules for what may be forwarded, and how headers change on the way.
+
+Rules:
+- The request target must be origin-form (`/path?query`) and is forwarded byte for byte.
+  Absolute-form, `//host`, `..` or `.` segments, backslashes and control characters,
+  raw or percent-encoded, are refused: the proxy only ever talks to its upstream.
+- Paths that mint credentials (`…/access_token`, the authorize page `…/oauth`) are
+  refused, so no caller can get or see a token through the proxy.
+- Hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and what it lists, `Keep-Alive`,
+  `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) are dropped both ways.
+- Upstream, `Host` is the upstream's, the caller's `Authorization` and `x-api-key` are
+  replaced by the credential, `X-Cloudbeds-Credential` (addressed to the proxy) is
+  dropped, and an `X-Request-ID` is added when the caller sent none. Nothing else changes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from multidict import CIMultiDict
+
+from proxy.errors import CredentialEndpointBlocked, ForbiddenTarget
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
+REQUEST_ID = "X-Request-ID"
+_DROPPED_UPSTREAM = CREDENTIAL_HEADERS | {"host", CREDENTIAL_SELECTOR.lower()}
+_CONTROL = re.compile(r"[\x00-\x20\x7f\\]|%(?:[01][0-9a-f]|7f|5c)", re.IGNORECASE)
+_MINTING_SEGMENTS = frozenset({"access_token", "oauth"})
+
+
+def check_target(method: str, raw_target: str) -> None:
+    """Raise unless `raw_target` is a safe origin-form target for the upstream."""
+    if method.upper() == "CONNECT":
+        raise ForbiddenTarget("CONNECT is not supported: the proxy only forwards to Cloudbeds")
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise ForbiddenTarget(
+            "the request target must be a path such as /api/v1.3/getHotels; "
+            "the proxy only forwards to its configured upstream"
+        )
+    path = raw_target.split("?", 1)[0]
+    if _CONTROL.search(raw_target.split("#", 1)[0]):
+        raise ForbiddenTarget("the request target holds a control character or a backslash")
+    segments = [unquote(s) for s in path.split("/")[1:]]
+    if any(s in (".", "..") for s in segments):
+        raise ForbiddenTarget("the path holds a '.' or '..' segment; send the resolved path")
+    named = [s for s in segments if s]
+    if named and named[-1].lower() in _MINTING_SEGMENTS:
+        raise CredentialEndpointBlocked(
+            "the proxy manages Cloudbeds tokens itself; callers cannot reach the token "
+            "endpoint or the authorize page through it (see /_proxy/oauth/start)"
+        )
+
+
+def _dropped_by_connection(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    listed = set(HOP_BY_HOP)
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return frozenset(listed)
+
+
+def _is_hop_by_hop(name: str, dropped: frozenset[str]) -> bool:
+    lowered = name.lower()
+    return lowered in dropped or lowered.startswith("proxy-")
+
+
+def upstream_headers(
+    raw: Iterable[tuple[str, str]], credential: tuple[str, str], request_id: str
+) -> CIMultiDict[str]:
+    """The headers to send upstream: the caller's, minus hop-by-hop, plus the credential."""
+    raw = list(raw)
+    dropped = _dropped_by_connection(raw)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in raw:
+        if not _is_hop_by_hop(name, dropped) and name.lower() not in _DROPPED_UPSTREAM:
+            out.add(name, value)
+    out[credential[0]] = credential[1]
+    if REQUEST_ID not in out:
+        out[REQUEST_ID] = request_id
+    return out
+
+
+def downstream_headers(raw: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """The upstream response's headers for the caller, minus hop-by-hop."""
+    raw = list(raw)
+    dropped = _dropped_by_connection(raw)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in raw:
+        if not _is_hop_by_hop(name, dropped):
+            out.add(name, value)
+    return out
+
+
+def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """aiohttp's raw headers as text, case and order kept (HTTP header bytes are latin-1)."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]

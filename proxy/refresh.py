@@ -1,0 +1,108 @@
+"""When to refresh: a pure function of (record, now, policy). It awaits nothing.
+
+Rules (DESIGN.md, "The token lifecycle"):
+- No record, or no refresh token: nothing to do until someone authorises (`NEEDS_AUTH`).
+- `reauthorization_required`: nothing is retried until a new refresh token arrives.
+- Otherwise refresh at `expires_at - leeway - jitter`: jitter only ever makes it earlier.
+  The leeway is capped at half the token's lifetime, so a short-lived token (tests, or a
+  leeway set larger than Cloudbeds' lifetime) is still refreshed once per lifetime, not
+  continuously.
+- After a transient failure, the next try waits a capped exponential backoff with jitter.
+- A forced refresh (after a 401) is allowed only while the rejected token is the current
+  one and the last refresh is older than `min_forced_interval`: a storm of 401s makes one
+  refresh, never one per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from proxy.tokens import State, TokenRecord
+
+
+class Action(enum.Enum):
+    NEEDS_AUTH = "needs_auth"
+    BLOCKED = "reauthorization_required"
+    WAIT = "wait"
+    REFRESH = "refresh"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    action: Action
+    at: float = 0.0
+    """For WAIT: the moment to look again."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshPolicy:
+    leeway: float = 300.0
+    max_jitter: float = 30.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    min_forced_interval: float = 5.0
+
+
+def refresh_time(record: TokenRecord, policy: RefreshPolicy, jitter: float) -> float:
+    """When this replica should start refreshing; `jitter` is uniform in [0, 1)."""
+    lifetime = record.expires_at - (record.refreshed_at or record.expires_at)
+    leeway = min(policy.leeway, lifetime / 2) if lifetime > 0 else policy.leeway
+    return record.expires_at - leeway - jitter * min(policy.max_jitter, leeway / 5)
+
+
+def decide(
+    record: TokenRecord | None,
+    now: float,
+    policy: RefreshPolicy,
+    *,
+    jitter: float = 0.0,
+    retry_at: float = 0.0,
+) -> Decision:
+    """What the background refresher should do now."""
+    if record is None or record.refresh_token is None:
+        return Decision(Action.NEEDS_AUTH)
+    if record.state is State.REAUTHORIZATION_REQUIRED:
+        return Decision(Action.BLOCKED)
+    due = 0.0 if record.access_token is None else refresh_time(record, policy, jitter)
+    due = max(due, retry_at)
+    if now >= due:
+        return Decision(Action.REFRESH)
+    return Decision(Action.WAIT, at=due)
+
+
+def may_force(
+    record: TokenRecord | None, rejected_generation: int, now: float, policy: RefreshPolicy
+) -> bool:
+    """After a 401: refresh only if the rejected token is still current and not brand new."""
+    if record is None or record.refresh_token is None:
+        return False
+    if record.state is State.REAUTHORIZATION_REQUIRED or record.generation != rejected_generation:
+        return False
+    return now - (record.refreshed_at or 0.0) >= policy.min_forced_interval
+
+
+def backoff(attempt: int, policy: RefreshPolicy, jitter: float) -> float:
+    """Seconds to wait before retry `attempt` (0-based): capped exponential, jittered down."""
+    ceiling = min(policy.backoff_cap, policy.backoff_base * 2.0**attempt)
+    return ceiling * (0.5 + jitter / 2)
+
+
+def refreshed(
+    record: TokenRecord,
+    now: float,
+    *,
+    access_token: str,
+    expires_in: float,
+    refresh_token: str | None,
+    properties: tuple[str, ...],
+) -> TokenRecord:
+    """The successor after a successful token call; a returned refresh token is kept."""
+    return record.successor(
+        access_token=access_token,
+        expires_at=now + expires_in,
+        refresh_token=refresh_token or record.refresh_token,
+        state=State.OK,
+        refreshed_at=now,
+        properties=properties or record.properties,
+    )
