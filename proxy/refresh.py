@@ -71,13 +71,11 @@ def decide(
     return Decision(Action.WAIT, at=due)
 
 
-def may_force(
-    record: TokenRecord | None, rejected_generation: int, now: float, policy: RefreshPolicy
-) -> bool:
-    """After a 401: refresh only if the rejected token is still current and not brand new."""
+def may_force(record: TokenRecord | None, now: float, policy: RefreshPolicy) -> bool:
+    """After a 401 to `record`'s token: refresh unless it is blocked or brand new."""
     if record is None or record.refresh_token is None:
         return False
-    if record.state is State.REAUTHORIZATION_REQUIRED or record.generation != rejected_generation:
+    if record.state is State.REAUTHORIZATION_REQUIRED:
         return False
     return now - (record.refreshed_at or 0.0) >= policy.min_forced_interval
 

@@ -1,0 +1,468 @@
+"""Turns refresh decisions into store, lock and token-endpoint calls, one credential each.
+
+- Fast path: `header()` reads the token held in memory; no store round trip.
+- One background task per OAuth credential refreshes ahead of expiry (`proxy.refresh`).
+- In a process, one refresh in flight that everyone awaits. Across processes, the store's
+  lock; the holder re-reads the record before calling Cloudbeds and writes with the
+  generation compare-and-set, so a late writer cannot replace a newer token.
+- Replicas that did not get the lock watch for the new record (pub/sub, poll) and retry
+  the lock about once a second, so a holder that died is replaced once its lock expires.
+- Store down: keep serving from memory, refresh without the lock (once per process), and
+  write the record back when the store returns; a returned refresh token is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+
+from proxy import cloudbeds
+from proxy.clock import Clock
+from proxy.config import CredentialSettings, Kind, Settings
+from proxy.errors import (
+    NoUsableToken,
+    ProxyError,
+    ReauthorizationRequired,
+    StoreUnavailable,
+    TokenEndpointUnavailable,
+    TokenRejected,
+)
+from proxy.metrics import Metrics
+from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
+from proxy.store import TokenStore
+from proxy.tokens import State, TokenRecord, seed_record
+
+log = structlog.get_logger("proxy.coordinator")
+TokenGate = Callable[[str], Awaitable[object]]
+"""Awaited before each token call (the rate limiter: refreshes share the request budget)."""
+
+
+class Credential(Protocol):
+    name: str
+    settings: CredentialSettings
+
+    @property
+    def properties(self) -> tuple[str, ...]: ...
+
+    async def header(self) -> tuple[str, str]:
+        """The header that carries the credential; raises NoUsableToken when there is none."""
+
+    async def rejected(self, header: tuple[str, str]) -> bool:
+        """Cloudbeds answered 401 to `header`: True when a different, usable one is ready."""
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def run(self) -> None:
+        """Background work until cancelled."""
+
+    async def reload(self) -> None:
+        """Re-read the store (a change was published, or the poll came round)."""
+
+
+class ApiKeyCredential:
+    """A static `x-api-key`: never refreshed, always ready."""
+
+    def __init__(self, settings: CredentialSettings) -> None:
+        assert settings.api_key is not None
+        self.name, self.settings = settings.name, settings
+        self._header = ("x-api-key", settings.api_key)
+
+    @property
+    def properties(self) -> tuple[str, ...]:
+        return self.settings.properties
+
+    async def header(self) -> tuple[str, str]:
+        return self._header
+
+    async def rejected(self, header: tuple[str, str]) -> bool:
+        return False
+
+    def ready(self) -> tuple[bool, str]:
+        return True, "api key"
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": Kind.API_KEY.value, "state": State.OK.value}
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def reload(self) -> None:
+        return None
+
+
+class OAuthCredential:
+    """An OAuth credential whose access token is shared through the store."""
+
+    def __init__(
+        self,
+        settings: CredentialSettings,
+        proxy_settings: Settings,
+        *,
+        store: TokenStore,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        clock: Clock,
+        gate: TokenGate | None = None,
+    ) -> None:
+        self.name, self.settings = settings.name, settings
+        self._proxy = proxy_settings
+        self._store, self._session, self._metrics, self._clock = store, session, metrics, clock
+        self._gate = gate
+        self._policy = RefreshPolicy(leeway=proxy_settings.refresh_leeway)
+        self._jitter = random.random()  # noqa: S311 - spreading load, not security
+        self.record: TokenRecord | None = None
+        self._header: tuple[str, str] | None = None
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._inflight: asyncio.Task[None] | None = None
+        self._retry_at = 0.0
+        self._attempt = 0
+        self._unsaved: TokenRecord | None = None
+        self.last_error: str | None = None
+        metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
+
+    # -- the request path ---------------------------------------------------------------
+
+    @property
+    def properties(self) -> tuple[str, ...]:
+        learned = self.record.properties if self.record else ()
+        return self.settings.properties + tuple(
+            p for p in learned if p not in self.settings.properties
+        )
+
+    async def header(self) -> tuple[str, str]:
+        record, header = self.record, self._header
+        if header is not None and record is not None and self._clock() < record.expires_at:
+            return header
+        return await self._wait_for_token()
+
+    async def _wait_for_token(self) -> tuple[str, str]:
+        deadline = asyncio.get_running_loop().time() + self._proxy.wait_for_token
+        while True:
+            record = self.record
+            if record is not None and record.usable(self._clock()) and self._header:
+                return self._header
+            self._raise_if_hopeless(record)
+            self._wake.set()
+            changed = self._changed
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise NoUsableToken(
+                    f"credential {self.name!r} has no valid access token yet: a refresh is "
+                    f"in progress or failing ({self.last_error or 'no detail'}); retry shortly"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await changed.wait()
+
+    def _raise_if_hopeless(self, record: TokenRecord | None) -> None:
+        if record is not None and record.state is State.REAUTHORIZATION_REQUIRED:
+            raise ReauthorizationRequired(
+                f"Cloudbeds rejected the refresh token of credential {self.name!r}; "
+                "re-authorise: open /_proxy/oauth/start or run "
+                "'cloudbeds-proxy auth exchange', or set a new CBPROXY_REFRESH_TOKEN"
+            )
+        if record is None or record.refresh_token is None:
+            raise NoUsableToken(
+                f"credential {self.name!r} is not authorised yet: open /_proxy/oauth/start, "
+                "run 'cloudbeds-proxy auth exchange', or set CBPROXY_REFRESH_TOKEN",
+                retry_after=60,
+            )
+
+    async def rejected(self, header: tuple[str, str]) -> bool:
+        record = self.record
+        if record and header == self._header and may_force(record, self._clock(), self._policy):
+            await self._single_flight(force_generation=record.generation)
+        return self._header is not None and header != self._header and self._usable()
+
+    def _usable(self) -> bool:
+        return self.record is not None and self.record.usable(self._clock())
+
+    # -- adopting records -----------------------------------------------------------------
+
+    def adopt(self, record: TokenRecord, *, force: bool = False) -> bool:
+        """Make `record` the one in memory if it is newer (or `force`); wake waiters."""
+        current = self.record
+        if not force and current is not None and record.generation <= current.generation:
+            return False
+        self.record = record
+        self._header = (
+            ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
+        )
+        for state in State:
+            self._metrics.credential_state.labels(self.name, state.value).set(
+                1 if record.state is state else 0
+            )
+        self._retry_at, self._attempt = 0.0, 0
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        self._wake.set()
+        return True
+
+    async def reload(self) -> None:
+        """Re-read the store; write back a record the store missed while it was down."""
+        if self._unsaved is not None:
+            await self._save(self._unsaved)
+        stored = await self._store.load(self.name)
+        if stored is not None:
+            self.adopt(stored)
+
+    async def start(self) -> None:
+        """Load the stored record, seeding or recovering it from CBPROXY_REFRESH_TOKEN."""
+        try:
+            stored = await self._store.load(self.name)
+        except StoreUnavailable as exc:
+            log.warning("store.unavailable.at_start", credential=self.name, error=exc.message)
+            stored = None
+        seed = self.settings.refresh_token
+        if stored is not None:
+            self.adopt(stored)
+        if seed and (stored is None or _recovers(stored, seed)):
+            generation = stored.generation if stored else 0
+            # The old access token died with the rejected grant: refresh at once.
+            base = stored or seed_record(seed, generation)
+            record = base.successor(
+                access_token=None, expires_at=0.0, refresh_token=seed, state=State.OK
+            )
+            if stored is not None:
+                log.info("token.reseeded", credential=self.name, generation=record.generation)
+            self.adopt(record)
+            await self._save(record)
+
+    async def install(self, response: cloudbeds.TokenResponse) -> TokenRecord:
+        """Store tokens from an authorization-code exchange (callback or CLI)."""
+        try:
+            stored = await self._store.load(self.name)
+        except StoreUnavailable:
+            stored = None
+        base = max(
+            (r for r in (stored, self.record) if r is not None),
+            key=lambda r: r.generation,
+            default=TokenRecord(None, 0.0, None, 0),
+        )
+        record = refreshed(
+            base,
+            self._clock(),
+            access_token=response.access_token,
+            expires_in=response.expires_in,
+            refresh_token=response.refresh_token,
+            properties=response.properties,
+        )
+        self.adopt(record)
+        await self._save(record)
+        log.info("token.authorized", credential=self.name, generation=record.generation)
+        return record
+
+    async def _save(self, record: TokenRecord) -> None:
+        try:
+            written = await self._store.put(self.name, record)
+        except StoreUnavailable:
+            self._metrics.redis_errors.labels("put").inc()
+            self._unsaved = record
+            log.warning("token.write.deferred", credential=self.name, generation=record.generation)
+            return
+        self._unsaved = None
+        if not written:
+            self._metrics.lock_losses.labels(self.name).inc()
+            stored = None
+            with contextlib.suppress(StoreUnavailable):
+                stored = await self._store.load(self.name)
+            if stored is not None:
+                log.info("token.write.superseded", credential=self.name, stored=stored.generation)
+                self.adopt(stored, force=True)
+
+    # -- background refresh -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh ahead of expiry, forever; cancelled at shutdown."""
+        while True:
+            self._wake.clear()
+            decision = decide(
+                self.record,
+                self._clock(),
+                self._policy,
+                jitter=self._jitter,
+                retry_at=self._retry_at,
+            )
+            if decision.action is Action.REFRESH:
+                try:
+                    await self._single_flight(force_generation=None)
+                except Exception as exc:  # a bug must not end refreshing for good
+                    log.exception("token.refresh.crashed", credential=self.name)
+                    self._transient_failure(TokenEndpointUnavailable(type(exc).__name__))
+                continue
+            timeout = decision.at - self._clock() if decision.action is Action.WAIT else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def refresh_now(self) -> TokenRecord | None:
+        """Force one refresh through the lock (the `token refresh` command)."""
+        record = self.record
+        if record is not None:
+            await self._single_flight(force_generation=record.generation)
+        return self.record
+
+    async def _single_flight(self, *, force_generation: int | None) -> None:
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._refresh(force_generation))
+        await asyncio.shield(self._inflight)
+
+    async def _refresh(self, force_generation: int | None) -> None:
+        lock = self._store.lock(self.name, self._proxy.lock_ttl)
+        try:
+            acquired = await lock.acquire()
+        except StoreUnavailable:
+            self._metrics.redis_errors.labels("lock").inc()
+            log.warning("token.refresh.without_lock", credential=self.name)
+            await self._refresh_locked(force_generation, reread=False)
+            return
+        if not acquired:
+            self._metrics.lock_waits.labels(self.name).inc()
+            await self._await_other_replica()
+            return
+        try:
+            await self._refresh_locked(force_generation, reread=True)
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                await lock.release()
+
+    async def _await_other_replica(self) -> None:
+        """Another replica holds the lock: watch for its record; retry the lock after a beat."""
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5 + self._jitter):
+                await changed.wait()
+        if not changed.is_set():
+            with contextlib.suppress(StoreUnavailable):
+                await self.reload()
+
+    async def _refresh_locked(self, force_generation: int | None, *, reread: bool) -> None:
+        if reread:
+            with contextlib.suppress(StoreUnavailable):
+                await self.reload()
+        record, now = self.record, self._clock()
+        if record is None or record.refresh_token is None:
+            return
+        due = decide(record, now, self._policy, jitter=self._jitter).action is Action.REFRESH
+        if not due and force_generation != record.generation:
+            return  # another replica refreshed while we waited for the lock
+        if record.state is State.REAUTHORIZATION_REQUIRED:
+            return
+        await self._call_token_endpoint(record)
+
+    async def _call_token_endpoint(self, record: TokenRecord) -> None:
+        assert record.refresh_token is not None
+        settings = self.settings
+        assert settings.client_id is not None
+        assert settings.client_secret is not None
+        form = cloudbeds.refresh_form(
+            settings.client_id, settings.client_secret, record.refresh_token
+        )
+        if self._gate is not None:
+            try:
+                await self._gate(self.name)
+            except ProxyError as exc:  # rate limited: try again once the budget allows
+                self._transient_failure(TokenEndpointUnavailable(exc.message))
+                return
+        started = self._clock()
+        try:
+            with self._metrics.refresh_duration.labels(self.name).time():
+                response = await cloudbeds.send_token_request(
+                    self._session, self._proxy.token_url, form, self._proxy.token_timeout
+                )
+        except TokenRejected as exc:
+            await self._rejected_by_cloudbeds(record, exc)
+            return
+        except TokenEndpointUnavailable as exc:
+            self._transient_failure(exc)
+            return
+        new = refreshed(
+            record,
+            started,
+            access_token=response.access_token,
+            expires_in=response.expires_in,
+            refresh_token=response.refresh_token,
+            properties=response.properties,
+        )
+        self._metrics.refreshes.labels(self.name, "ok").inc()
+        self.last_error = None
+        self.adopt(new)
+        log.info(
+            "token.refresh.ok",
+            credential=self.name,
+            generation=new.generation,
+            expires_in=response.expires_in,
+        )
+        await self._save(new)
+
+    async def _rejected_by_cloudbeds(self, record: TokenRecord, exc: TokenRejected) -> None:
+        self._metrics.refreshes.labels(self.name, "rejected").inc()
+        self.last_error = exc.reason
+        log.error(
+            "token.refresh.rejected",
+            credential=self.name,
+            status=exc.status,
+            reason=exc.reason,
+            action="re-authorise: /_proxy/oauth/start or auth exchange",
+        )
+        blocked = record.successor(state=State.REAUTHORIZATION_REQUIRED)
+        self.adopt(blocked)
+        await self._save(blocked)
+
+    def _transient_failure(self, exc: TokenEndpointUnavailable) -> None:
+        self._metrics.refreshes.labels(self.name, "transient").inc()
+        self.last_error = exc.reason
+        delay = backoff(self._attempt, self._policy, random.random())  # noqa: S311
+        self._attempt += 1
+        self._retry_at = self._clock() + delay
+        log.warning(
+            "token.refresh.failed",
+            credential=self.name,
+            reason=exc.reason,
+            retry_in=round(delay, 2),
+            attempt=self._attempt,
+        )
+
+    # -- status -------------------------------------------------------------------------------
+
+    def _seconds_left(self) -> float:
+        return self.record.seconds_left(self._clock()) if self.record else 0.0
+
+    def ready(self) -> tuple[bool, str]:
+        record = self.record
+        if record is None or record.refresh_token is None:
+            return False, "not authorised"
+        if record.state is State.REAUTHORIZATION_REQUIRED:
+            return False, State.REAUTHORIZATION_REQUIRED.value
+        if not record.usable(self._clock()):
+            return False, "no valid access token"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        record, now = self.record, self._clock()
+        return {
+            "kind": Kind.OAUTH.value,
+            "state": record.state.value if record else "not_authorized",
+            "generation": record.generation if record else None,
+            "expires_at": record.expires_at if record and record.access_token else None,
+            "expires_in": round(record.seconds_left(now), 1) if record else None,
+            "last_refresh": record.refreshed_at if record else None,
+            "has_refresh_token": bool(record and record.refresh_token),
+            "properties": list(self.properties),
+            "last_error": self.last_error,
+            "unsaved": self._unsaved is not None,
+        }
+
+
+def _recovers(stored: TokenRecord, seed: str) -> bool:
+    """A seed replaces a stored record only if that record was rejected with another token."""
+    return stored.state is State.REAUTHORIZATION_REQUIRED and stored.refresh_token != seed
