@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from cryptography.fernet import Fernet
+from proxy.crypto import TokenCipher
 
 DEFAULT_CREDENTIAL = "default"
 PREFIX = "CBPROXY_"
@@ -136,18 +136,8 @@ def _log_format(value: str) -> str:
 
 
 def _fernet_keys(value: str) -> tuple[str, ...]:
-    keys = tuple(k.strip() for k in value.split(",") if k.strip())
-    for key in keys:
-        try:
-            Fernet(key)
-        except ValueError:
-            # Never echo the key itself.
-            raise ValueError(
-                "each comma-separated key must be a Fernet key "
-                "(python -c 'from cryptography.fernet import Fernet; "
-                "print(Fernet.generate_key().decode())')"
-            ) from None
-    return keys
+    TokenCipher.from_value(value)  # ValueError names a bad key by position, never the key
+    return tuple(k.strip() for k in value.split(","))
 
 
 PROXY_FIELDS: dict[str, Callable[[str], Any]] = {

@@ -36,7 +36,7 @@ class TokenCipher:
         """A cipher from Fernet keys, newest first; ValueError names a bad key by position."""
         keys = [key.strip() for key in keys]
         if not keys or not all(keys):
-            raise ValueError(f"{_VARIABLE}: empty key; give one or more comma-separated keys")
+            raise ValueError("empty key; give one or more comma-separated keys")
         fernets = []
         for position, key in enumerate(keys, start=1):
             try:
@@ -44,7 +44,7 @@ class TokenCipher:
             except (ValueError, TypeError):
                 # `from None`: the cause adds nothing useful and must never carry the key.
                 raise ValueError(
-                    f"{_VARIABLE}: key {position} of {len(keys)} is not a Fernet key "
+                    f"key {position} of {len(keys)} is not a Fernet key "
                     "(32 url-safe base64-encoded bytes, as Fernet.generate_key() makes)"
                 ) from None
         return cls(fernets)

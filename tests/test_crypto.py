@@ -71,9 +71,9 @@ def test_malformed_key_is_a_value_error_that_never_shows_the_key(bad_key: str) -
 
 @pytest.mark.parametrize("value", ["", " ", f"{KEY_A},", f",{KEY_A}"])
 def test_empty_key_is_a_value_error(value: str) -> None:
-    with pytest.raises(ValueError, match="CBPROXY_ENCRYPTION_KEY"):
+    with pytest.raises(ValueError, match="empty key"):
         TokenCipher.from_value(value)
-    with pytest.raises(ValueError, match="CBPROXY_ENCRYPTION_KEY"):
+    with pytest.raises(ValueError, match="empty key"):
         TokenCipher.from_keys([])
 
 

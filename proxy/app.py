@@ -1,0 +1,282 @@
+"""The app factory: wires settings, store, credentials, limiter and forwarding together.
+
+`create_app(settings, store=…, clock=…, metrics=…)` so tests pass fakes. Everything that
+lives as long as the app is made in `cleanup_ctx` and closed there, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import endpoints
+from proxy.clock import Clock, system_clock
+from proxy.config import Kind, Settings
+from proxy.coordinator import ApiKeyCredential, Credential, OAuthCredential
+from proxy.crypto import TokenCipher
+from proxy.errors import ProxyError, StoreUnavailable
+from proxy.forwarding import Forwarder, Router, error_body
+from proxy.headers import REQUEST_ID
+from proxy.logs import register_secret
+from proxy.metrics import Metrics
+from proxy.ratelimit import Limiter, RateLimit
+from proxy.redis_store import RedisStore
+from proxy.store import MemoryStore, TokenStore
+
+log = structlog.get_logger("proxy.app")
+access_log = structlog.get_logger("proxy.access")
+PROXY_ERROR_HEADER = "X-Cloudbeds-Proxy-Error"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What the running app holds; built at start-up, closed at cleanup."""
+
+    settings: Settings
+    store: TokenStore
+    metrics: Metrics
+    clock: Clock
+    session: aiohttp.ClientSession
+    credentials: dict[str, Credential]
+    router: Router
+    limiter: Limiter
+    forwarder: Forwarder
+    store_ok: bool = True
+
+
+SETTINGS = web.AppKey("settings", Settings)
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def make_store(settings: Settings) -> TokenStore:
+    if settings.redis_url is None:
+        return MemoryStore()
+    cipher = TokenCipher.from_keys(settings.encryption_keys) if settings.encryption_keys else None
+    return RedisStore.from_url(settings.redis_url, cipher=cipher)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: TokenStore | None = None,
+    clock: Clock = system_clock,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[request_middleware], client_max_size=1024**2)
+    app[SETTINGS] = settings
+    app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
+    app.router.add_route("*", "/_proxy/readyz", endpoints.readyz)
+    app.router.add_route("*", "/_proxy/metrics", endpoints.metrics)
+    app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
+    app.router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
+    app.router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
+    app.router.add_route("*", "/_proxy/{tail:.*}", endpoints.not_found)
+    app.router.add_route("*", "/{tail:.*}", forward)
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with _runtime(settings, store or make_store(settings), clock, metrics) as runtime:
+            app[RUNTIME] = runtime
+            yield
+
+    app.cleanup_ctx.append(runtime_ctx)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _runtime(
+    settings: Settings, store: TokenStore, clock: Clock, metrics: Metrics | None
+) -> AsyncIterator[Runtime]:
+    metrics = metrics or Metrics()
+    for cred in settings.credentials:
+        for secret in (cred.client_secret, cred.refresh_token, cred.api_key):
+            register_secret(secret)
+    connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # The limiter's script needs one slot per credential: keys carry the store's hash tag.
+    redis = store.client if isinstance(store, RedisStore) else None
+    limiter = Limiter(
+        {
+            c.name: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
+            for c in settings.credentials
+        },
+        redis=redis,
+        key=store.key if isinstance(store, RedisStore) else lambda name, suffix: f"{name}:{suffix}",
+        metrics=metrics,
+        replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+        clock=clock,
+    )
+    credentials: dict[str, Credential] = {}
+    for cred in settings.credentials:
+        if cred.kind is Kind.API_KEY:
+            credentials[cred.name] = ApiKeyCredential(cred)
+        else:
+            credentials[cred.name] = OAuthCredential(
+                cred,
+                settings,
+                store=store,
+                session=session,
+                metrics=metrics,
+                clock=clock,
+                gate=limiter.admit,
+            )
+    router = Router(credentials)
+    runtime = Runtime(
+        settings,
+        store,
+        metrics,
+        clock,
+        session,
+        credentials,
+        router,
+        limiter,
+        Forwarder(settings, session, router, limiter, metrics),
+    )
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        for credential in credentials.values():
+            if isinstance(credential, OAuthCredential):
+                await credential.start()
+            tasks.add(asyncio.create_task(credential.run(), name=f"refresh:{credential.name}"))
+        if store.shared:
+            tasks.add(asyncio.create_task(_follow_changes(runtime), name="changes"))
+            tasks.add(asyncio.create_task(limiter.run_heartbeat(), name="heartbeat"))
+        tasks.add(asyncio.create_task(_poll(runtime), name="poll"))
+        log.info("proxy.started", credentials=sorted(credentials), store=type(store).__name__)
+        yield runtime
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Cancelled refreshes release their locks in their `finally` blocks.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        await store.close()
+
+
+async def _follow_changes(runtime: Runtime) -> None:
+    """Adopt records other replicas publish; reconnect with backoff when the store drops."""
+    delay = 0.5
+    while True:
+        try:
+            async for name in runtime.store.changes():
+                delay = 0.5
+                credential = runtime.credentials.get(name)
+                if credential is not None:
+                    with contextlib.suppress(StoreUnavailable):
+                        await credential.reload()
+        except StoreUnavailable:
+            runtime.metrics.redis_errors.labels("subscribe").inc()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+async def _poll(runtime: Runtime) -> None:
+    """The fallback for a missed publication, and the store health that readiness reports."""
+    while True:
+        try:
+            await runtime.store.ping()
+            for credential in runtime.credentials.values():
+                await credential.reload()
+        except StoreUnavailable:
+            if runtime.store_ok:
+                log.warning("store.unavailable", action="serving tokens from memory")
+            runtime.metrics.redis_errors.labels("poll").inc()
+            runtime.store_ok = False
+        else:
+            if not runtime.store_ok:
+                log.info("store.available")
+            runtime.store_ok = True
+        await asyncio.sleep(runtime.settings.poll_interval)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[RUNTIME].forwarder.handle(request)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID, "")
+    if 0 < len(given) <= 200 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Binds the request id, turns every error into the JSON shape, writes the access line."""
+    request_id = request["request_id"] = _request_id(request)
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = asyncio.get_running_loop().time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        return _error_response(request, exc)
+    except web.HTTPException as exc:
+        status = exc.status
+        return _error_response(request, _http_error(exc))
+    except Exception:
+        if request.get("response_started"):
+            raise
+        log.exception("request.crashed")
+        return _error_response(
+            request,
+            ProxyError("the proxy failed unexpectedly; retry, and report it if it persists"),
+        )
+    finally:
+        _access(request, status, asyncio.get_running_loop().time() - started)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _http_error(exc: web.HTTPException) -> ProxyError:
+    error = ProxyError(
+        f"{exc.reason}: see /_proxy/healthz, /_proxy/readyz, /_proxy/metrics, /_proxy/tokens"
+    )
+    error.status, error.code = exc.status, exc.reason.lower().replace(" ", "_")
+    return error
+
+
+def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
+    runtime = request.app.get(RUNTIME)
+    if runtime is not None:
+        runtime.metrics.proxy_errors.labels(exc.code).inc()
+    headers = {PROXY_ERROR_HEADER: exc.code, REQUEST_ID: request["request_id"]}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if endpoints.wants_html(request) and request.path.startswith("/_proxy/oauth/"):
+        return web.Response(
+            status=exc.status,
+            text=endpoints.error_page(exc),
+            content_type="text/html",
+            headers=headers,
+        )
+    return web.json_response(
+        error_body(exc, request["request_id"]), status=exc.status, headers=headers
+    )
+
+
+def _access(request: web.Request, status: int, duration: float) -> None:
+    runtime = request.app.get(RUNTIME)
+    if runtime is not None:
+        runtime.metrics.requests.labels(request.method, f"{status // 100}xx").inc()
+    access_log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        bytes=request.get("bytes_sent", 0),
+        duration_ms=round(duration * 1000, 2),
+        credential=request.get("credential"),
+        upstream_request_id=request.get("upstream_request_id"),
+    )

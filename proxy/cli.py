@@ -1,0 +1,307 @@
+"""The `cloudbeds-proxy` command: serve, demo, check-config, auth, token, fake-cloudbeds."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from proxy import logs
+from proxy.app import create_app, make_store
+from proxy.clock import system_clock
+from proxy.config import (
+    DEFAULT_CREDENTIAL,
+    ConfigError,
+    Kind,
+    Settings,
+    load_settings,
+    require_credentials,
+)
+from proxy.coordinator import OAuthCredential
+from proxy.endpoints import authorize_url, exchange_code
+from proxy.errors import ProxyError, StoreUnavailable
+from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
+from proxy.metrics import Metrics
+from proxy.store import TokenStore
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"cloudbeds-proxy: configuration error: {exc}", file=sys.stderr)
+        code = 2
+    except ProxyError as exc:
+        print(f"cloudbeds-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloudbeds-proxy", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML file; CBPROXY_* variables override it")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the proxy")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="run the proxy against a bundled fake Cloudbeds")
+    demo.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
+    demo.set_defaults(func=lambda a: _run(_demo(a)))
+
+    check = sub.add_parser("check-config", parents=[common], help="print the configuration")
+    check.set_defaults(func=_check_config)
+
+    auth = sub.add_parser("auth", help="authorise an OAuth credential").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    url = auth.add_parser("url", parents=[common], help="print the authorize link")
+    url.add_argument("--credential", default=DEFAULT_CREDENTIAL)
+    url.set_defaults(func=_auth_url)
+    exchange = auth.add_parser("exchange", parents=[common], help="exchange a code for tokens")
+    exchange.add_argument("code", metavar="CODE_OR_REDIRECT_URL")
+    exchange.add_argument("--credential", default=DEFAULT_CREDENTIAL)
+    exchange.set_defaults(func=lambda a: _run(_auth_exchange(a)))
+
+    token = sub.add_parser("token", help="inspect or refresh tokens").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    status = token.add_parser("status", parents=[common], help="state of every credential")
+    status.set_defaults(func=lambda a: _run(_token_status(a)))
+    refresh = token.add_parser("refresh", parents=[common], help="refresh one credential now")
+    refresh.add_argument("name", nargs="?", default=DEFAULT_CREDENTIAL)
+    refresh.set_defaults(func=lambda a: _run(_token_refresh(a)))
+
+    fake = sub.add_parser("fake-cloudbeds", help="run the fake Cloudbeds API")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=9090)
+    fake.add_argument("--expires-in", type=int, default=3600, help="access token lifetime")
+    fake.add_argument("--rotate-refresh-tokens", action="store_true")
+    fake.set_defaults(func=_fake)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(os.environ, getattr(args, "config", None))
+    logs.configure(settings.log_format)
+    return settings
+
+
+def _run(coro: Any) -> int:
+    return int(asyncio.run(coro) or 0)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    require_credentials(settings)
+    if args.workers > 1:
+        return _supervise(args)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_grace,
+        reuse_port=args.reuse_port or None,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """Run `--workers` serve processes on one port (SO_REUSEPORT); pass signals on."""
+    command = [sys.executable, "-m", "proxy", "serve", "--reuse-port"]
+    if args.config:
+        command += ["--config", args.config]
+    children = [subprocess.Popen(command) for _ in range(args.workers)]  # noqa: S603
+
+    def forward(signum: int, _: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.describe(), indent=2))
+    return 0
+
+
+def _oauth_settings(settings: Settings, name: str) -> Any:
+    cred = settings.credential(name)
+    if cred is None or cred.kind is not Kind.OAUTH:
+        names = [c.name for c in settings.credentials if c.kind is Kind.OAUTH]
+        raise ConfigError(f"--credential: no OAuth credential {name!r}; have: {names or 'none'}")
+    if not cred.redirect_uri:
+        raise ConfigError("CBPROXY_REDIRECT_URI: required to authorise (the registered URI)")
+    return cred
+
+
+def _auth_url(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cred = _oauth_settings(settings, args.credential)
+    print(authorize_url(settings.authorize_url, cred.client_id, cred.redirect_uri, ""))
+    return 0
+
+
+def _code_from(text: str) -> str:
+    """Accept a bare code or the whole redirect URL the browser landed on."""
+    if "://" not in text:
+        return text.strip()
+    codes = parse_qs(urlsplit(text).query).get("code")
+    if not codes:
+        raise ConfigError("CODE_OR_REDIRECT_URL: the URL has no code= parameter")
+    return codes[0]
+
+
+@contextlib.asynccontextmanager
+async def _credential(
+    settings: Settings, name: str
+) -> AsyncIterator[tuple[OAuthCredential, aiohttp.ClientSession, TokenStore]]:
+    if settings.redis_url is None:
+        raise ConfigError(
+            "CBPROXY_REDIS_URL: the command shares tokens with running proxies through Redis; "
+            "without it use the running proxy's /_proxy/oauth/start and /_proxy/tokens"
+        )
+    cred = _oauth_settings(settings, name) if name else None
+    store = make_store(settings)
+    async with aiohttp.ClientSession() as session:
+        try:
+            assert cred is not None
+            credential = OAuthCredential(
+                cred, settings, store=store, session=session, metrics=Metrics(), clock=system_clock
+            )
+            await credential.start()
+            yield credential, session, store
+        finally:
+            await store.close()
+
+
+async def _auth_exchange(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    code = _code_from(args.code)
+    async with _credential(settings, args.credential) as (credential, session, _):
+        record = await exchange_code(session, settings, credential, code)
+    print(
+        f"authorised {credential.name}: generation {record.generation}, "
+        f"properties {', '.join(record.properties) or 'none listed'}"
+    )
+    return 0
+
+
+async def _token_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.redis_url is None:
+        # The in-process store lives inside the running proxy: ask it.
+        url = f"http://{settings.host}:{settings.port}/_proxy/tokens"
+        print(json.dumps(await asyncio.to_thread(_get_json, url), indent=2))
+        return 0
+    store = make_store(settings)
+    out: dict[str, Any] = {}
+    try:
+        for cred in settings.credentials:
+            if cred.kind is Kind.API_KEY:
+                out[cred.name] = {"kind": "api_key", "state": "ok"}
+                continue
+            record = await store.load(cred.name)
+            out[cred.name] = {
+                "kind": "oauth",
+                "state": record.state.value if record else "not_authorized",
+                "generation": record.generation if record else None,
+                "expires_in": round(record.seconds_left(system_clock()), 1) if record else None,
+                "last_refresh": record.refreshed_at if record else None,
+            }
+    except StoreUnavailable as exc:
+        print(f"cloudbeds-proxy: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+async def _token_refresh(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    async with _credential(settings, args.name) as (credential, _, __):
+        record = await credential.refresh_now()
+    status = credential.status()
+    print(json.dumps({"credential": credential.name, **status}, indent=2))
+    return 0 if record is not None and status["state"] == "ok" and not status["last_error"] else 1
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own port
+        return json.load(response)
+
+
+def _fake(args: argparse.Namespace) -> int:
+    logs.configure("console")
+    state = FakeCloudbeds(
+        expires_in=args.expires_in, rotate_refresh_tokens=args.rotate_refresh_tokens
+    )
+    print(
+        f"fake Cloudbeds on http://{args.host}:{args.port} (client id {state.client_id}, "
+        f"client secret {state.client_secret}, refresh token {state.refresh_token})",
+        flush=True,
+    )
+    web.run_app(create_fake_app(state), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    """The proxy and a fake Cloudbeds in one process: try it with no Cloudbeds account."""
+    logs.configure("console")
+    fake_runner = web.AppRunner(create_fake_app(FakeCloudbeds()))
+    await fake_runner.setup()
+    site = web.TCPSite(fake_runner, "127.0.0.1", 0)
+    await site.start()
+    fake_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fake = f"http://127.0.0.1:{fake_port}"
+    env = {
+        **os.environ,
+        "CBPROXY_UPSTREAM_URL": fake,
+        "CBPROXY_TOKEN_URL": f"{fake}/api/v1.3/access_token",
+        "CBPROXY_AUTHORIZE_URL": f"{fake}/api/v1.3/oauth",
+        "CBPROXY_CLIENT_ID": "fake-client-id",
+        "CBPROXY_CLIENT_SECRET": "fake-client-secret",
+        "CBPROXY_REFRESH_TOKEN": "fake-refresh-token",
+        "CBPROXY_LOG_FORMAT": "console",
+    }
+    if args.port is not None:
+        env["CBPROXY_PORT"] = str(args.port)
+    settings = load_settings(env)
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"\nfake Cloudbeds: {fake}\nproxy:          {base}\n\nTry:\n"
+        f"  curl {base}/api/v1.3/getHotels\n  curl {base}/_proxy/tokens\n\nCtrl-C stops.",
+        flush=True,
+    )
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await fake_runner.cleanup()
+    return 0

@@ -1,0 +1,228 @@
+"""Forward one request to Cloudbeds with the credential attached, streaming both ways.
+
+The path and query go upstream exactly as received (`request.raw_path`, `encoded=True`):
+no re-encoding. Bodies stream in both directions; only a body small enough to replay
+after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole first.
+aiohttp's client adds headers of its own unless told not to (`skip_auto_headers`) and
+decompresses unless told not to (`auto_decompress=False` on the session): the caller's
+bytes and Cloudbeds' bytes pass unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from proxy.config import DEFAULT_CREDENTIAL, Settings
+from proxy.coordinator import Credential
+from proxy.errors import (
+    BodyTooLarge,
+    ProxyError,
+    UnknownCredential,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.headers import (
+    CREDENTIAL_SELECTOR,
+    REQUEST_ID,
+    check_target,
+    decode_raw,
+    downstream_headers,
+    upstream_headers,
+)
+from proxy.metrics import Metrics
+from proxy.ratelimit import Limiter
+
+log = structlog.get_logger("proxy.forwarding")
+NOT_REPLAYED = "X-Cloudbeds-Proxy-Not-Replayed"
+# Headers aiohttp's client would invent; the caller's own are sent as they are.
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+_CHUNK = 64 * 1024
+
+
+class Router:
+    """Picks the credential for a request: by name, by property id, or the default."""
+
+    def __init__(self, credentials: Mapping[str, Credential]) -> None:
+        self.credentials = dict(credentials)
+        self.default = self.credentials.get(DEFAULT_CREDENTIAL) or next(
+            iter(self.credentials.values())
+        )
+
+    def pick(self, headers: Mapping[str, str]) -> Credential:
+        name = headers.get(CREDENTIAL_SELECTOR)
+        if name is not None:
+            credential = self.credentials.get(name)
+            if credential is None:
+                raise UnknownCredential(
+                    f"{CREDENTIAL_SELECTOR}: no credential named {name[:64]!r}; "
+                    f"configured: {', '.join(sorted(self.credentials))}"
+                )
+            return credential
+        prop = headers.get("X-PROPERTY-ID")
+        if prop is not None and len(self.credentials) > 1:
+            for credential in self.credentials.values():
+                if prop in credential.properties:
+                    return credential
+        return self.default
+
+
+class _BodyStream:
+    """The caller's body as an async iterator that stops at the size limit."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content, self.limit, self.seen, self.too_large = content, limit, 0, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.content.iter_chunked(_CHUNK):
+            self.seen += len(chunk)
+            if self.seen > self.limit:
+                self.too_large = True
+                raise BodyTooLarge(_too_large(self.limit))
+            yield chunk
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body exceeds CBPROXY_MAX_BODY_BYTES ({limit} bytes); send a smaller one"
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        router: Router,
+        limiter: Limiter,
+        metrics: Metrics,
+    ) -> None:
+        self._settings, self._session, self._router = settings, session, router
+        self._limiter, self._metrics = limiter, metrics
+        self._base = settings.upstream_url
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        check_target(request.method, request.raw_path)
+        credential = self._router.pick(request.headers)
+        request["credential"] = credential.name
+        body = await self._body(request)
+        await self._limiter.admit(credential.name)
+        header = await credential.header()
+        upstream = await self._send(request, credential, header, body)
+        if upstream.status == 401:
+            upstream = await self._after_401(request, credential, header, body, upstream)
+        try:
+            return await self._relay(request, upstream, credential.name)
+        finally:
+            upstream.release()
+
+    async def _body(self, request: web.Request) -> bytes | _BodyStream | None:
+        limit = self._settings.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge(_too_large(limit))
+        if not request.body_exists:
+            return None
+        if length is not None and length <= self._settings.replay_body_bytes:
+            return await request.read()
+        return _BodyStream(request.content, limit)
+
+    async def _send(
+        self,
+        request: web.Request,
+        credential: Credential,
+        header: tuple[str, str],
+        body: bytes | _BodyStream | None,
+    ) -> aiohttp.ClientResponse:
+        headers = upstream_headers(decode_raw(request.raw_headers), header, request["request_id"])
+        url = URL(self._base + request.raw_path, encoded=True)
+        started = time.perf_counter()
+        try:
+            response = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO,
+                timeout=self._timeout,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "Cloudbeds did not answer within CBPROXY_READ_TIMEOUT/CBPROXY_CONNECT_TIMEOUT; "
+                "retry later",
+                retry_after=5,
+            ) from None
+        except aiohttp.ClientError as exc:
+            if isinstance(body, _BodyStream) and body.too_large:
+                raise BodyTooLarge(_too_large(body.limit)) from None
+            raise UpstreamUnreachable(
+                f"could not reach Cloudbeds ({type(exc).__name__}); retry later", retry_after=5
+            ) from None
+        self._metrics.upstream_latency.observe(time.perf_counter() - started)
+        request["upstream_request_id"] = response.headers.get(REQUEST_ID)
+        await self._honour_pause(credential.name, response)
+        return response
+
+    async def _honour_pause(self, name: str, response: aiohttp.ClientResponse) -> None:
+        """Cloudbeds' 429 (or 503 with Retry-After) pauses the credential on every replica."""
+        retry_after = response.headers.get("Retry-After")
+        if response.status == 429 or (response.status == 503 and retry_after):
+            try:
+                seconds = float(retry_after) if retry_after else 1.0
+            except ValueError:
+                seconds = 1.0
+            await self._limiter.pause(name, min(max(seconds, 0.0), 300.0))
+
+    async def _after_401(
+        self,
+        request: web.Request,
+        credential: Credential,
+        header: tuple[str, str],
+        body: bytes | _BodyStream | None,
+        response: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """Refresh if the rejected token is current; replay once if the body was buffered."""
+        renewed = await credential.rejected(header)
+        if not renewed:
+            return response
+        if isinstance(body, _BodyStream):
+            self._metrics.replays.labels(credential.name, "not_replayed").inc()
+            request["not_replayed"] = True
+            return response
+        response.release()
+        self._metrics.replays.labels(credential.name, "replayed").inc()
+        log.info("request.replayed_after_401", credential=credential.name)
+        return await self._send(request, credential, await credential.header(), body)
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, credential: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(downstream_headers(decode_raw(upstream.raw_headers)))
+        if request.get("not_replayed"):
+            response.headers[NOT_REPLAYED] = "body-streamed"
+        await response.prepare(request)
+        sent = 0
+        try:
+            async for chunk in upstream.content.iter_any():
+                sent += len(chunk)
+                await response.write(chunk)
+        except aiohttp.ClientError as exc:
+            # Headers are gone already: all we can do is cut the connection.
+            log.warning("upstream.body.broken", error=type(exc).__name__, credential=credential)
+            raise
+        request["bytes_sent"] = sent
+        await response.write_eof()
+        return response
+
+
+def error_body(exc: ProxyError, request_id: str) -> dict[str, Any]:
+    return {"error": exc.code, "message": exc.message, "request_id": request_id}

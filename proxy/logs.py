@@ -1,0 +1,109 @@
+"""Structured logs: configured once by the CLI; a redaction processor guards every line.
+
+Event names are stable (`token.refresh.ok`, `request`, …) with facts as fields.
+Redaction works three ways, so a secret that slips into any field is still caught:
+fields whose name says secret are masked, `Bearer …` and `cbat_…` patterns are masked,
+and every secret the process knows (configured or received) is masked wherever it appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[redacted]"
+_SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "api_key",
+        "x-api-key",
+        "password",
+        "code",
+        "token",
+        "secret",
+        "encryption_key",
+    }
+)
+_PATTERNS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|cbat_[A-Za-z0-9_\-]+")
+_known: deque[str] = deque(maxlen=64)
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret so that no log line ever shows it (short values are ignored)."""
+    if value and len(value) >= 6 and value not in _known:
+        _known.append(value)
+
+
+def _scrub(value: str) -> str:
+    value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
+    for secret in _known:
+        if secret in value:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return _scrub(value)
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if str(k).lower() in _SECRET_KEYS else _clean(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask secret-named fields and any secret inside any value."""
+    for key, value in list(event.items()):
+        event[key] = REDACTED if key.lower() in _SECRET_KEYS and value else _clean(value)
+    return event
+
+
+def configure(
+    log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO
+) -> None:
+    """Configure structlog (and the stdlib loggers of aiohttp and redis) once, at start."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+    )
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact,  # after format_exc_info: tracebacks are scrubbed too
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    # Library loggers (aiohttp's own errors) go through the same redaction.
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *processors[-2:],
+            ],
+            foreign_pre_chain=processors[:-2],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
