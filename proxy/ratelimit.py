@@ -332,8 +332,12 @@ class Limiter:
         return self._local.get(credential, Bucket())
 
     def _redis_usable(self, now: float) -> bool:
-        """False without Redis, and for a while after it failed (then one call retries)."""
-        return self._redis is not None and (not self._fallback or now >= self._retry_redis_at)
+        """False without Redis, and for a second after it failed; then one call probes it."""
+        if self._redis is None or (self._fallback and now < self._retry_redis_at):
+            return False
+        if self._fallback:
+            self._retry_redis_at = now + 1.0  # the other calls stay local meanwhile
+        return True
 
     async def _decide(self, credential: str, limit: RateLimit) -> Admit | Refuse:
         now = self._clock()
