@@ -24,8 +24,8 @@ from proxy.config import Kind, Settings
 from proxy.coordinator import ApiKeyCredential, Credential, OAuthCredential
 from proxy.crypto import TokenCipher
 from proxy.errors import ProxyError, StoreUnavailable
-from proxy.forwarding import Forwarder, Router, error_body
-from proxy.headers import REQUEST_ID
+from proxy.forwarding import EXCHANGE, Exchange, Forwarder, Router, error_body
+from proxy.headers import REQUEST_ID, check_target
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
@@ -62,7 +62,7 @@ def make_store(settings: Settings) -> TokenStore:
     if settings.redis_url is None:
         return MemoryStore()
     cipher = TokenCipher.from_keys(settings.encryption_keys) if settings.encryption_keys else None
-    return RedisStore.from_url(settings.redis_url, cipher=cipher)
+    return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, cipher=cipher)
 
 
 def create_app(
@@ -80,8 +80,9 @@ def create_app(
     app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
     app.router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
     app.router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
-    app.router.add_route("*", "/_proxy/{tail:.*}", endpoints.not_found)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/_proxy/{tail:(?s:.*)}", endpoints.not_found)
+    # (?s): a decoded path may hold a newline; it must still reach the target checks.
+    app.router.add_route("*", "/{tail:(?s:.*)}", forward)
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _runtime(settings, store or make_store(settings), clock, metrics) as runtime:
@@ -212,11 +213,15 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Binds the request id, turns every error into the JSON shape, writes the access line."""
-    request_id = request["request_id"] = _request_id(request)
+    exchange = request[EXCHANGE] = Exchange(_request_id(request))
+    request_id = exchange.request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = asyncio.get_running_loop().time()
     status = 500
     try:
+        if not request.raw_path.startswith("/_proxy/"):
+            # Before routing decides anything: CONNECT and absolute-form targets match no route.
+            check_target(request.method, request.raw_path)
         response = await handler(request)
         status = response.status
         return response
@@ -227,7 +232,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         return _error_response(request, _http_error(exc))
     except Exception:
-        if request.get("response_started"):
+        if exchange.response_started:
             raise
         log.exception("request.crashed")
         return _error_response(
@@ -251,7 +256,7 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
     runtime = request.app.get(RUNTIME)
     if runtime is not None:
         runtime.metrics.proxy_errors.labels(exc.code).inc()
-    headers = {PROXY_ERROR_HEADER: exc.code, REQUEST_ID: request["request_id"]}
+    headers = {PROXY_ERROR_HEADER: exc.code, REQUEST_ID: request[EXCHANGE].request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if endpoints.wants_html(request) and request.path.startswith("/_proxy/oauth/"):
@@ -262,11 +267,12 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
             headers=headers,
         )
     return web.json_response(
-        error_body(exc, request["request_id"]), status=exc.status, headers=headers
+        error_body(exc, request[EXCHANGE].request_id), status=exc.status, headers=headers
     )
 
 
 def _access(request: web.Request, status: int, duration: float) -> None:
+    exchange = request[EXCHANGE]
     runtime = request.app.get(RUNTIME)
     if runtime is not None:
         runtime.metrics.requests.labels(request.method, f"{status // 100}xx").inc()
@@ -275,8 +281,8 @@ def _access(request: web.Request, status: int, duration: float) -> None:
         method=request.method,
         path=request.path,
         status=status,
-        bytes=request.get("bytes_sent", 0),
+        bytes=exchange.bytes_sent,
         duration_ms=round(duration * 1000, 2),
-        credential=request.get("credential"),
-        upstream_request_id=request.get("upstream_request_id"),
+        credential=exchange.credential,
+        upstream_request_id=exchange.upstream_request_id,
     )

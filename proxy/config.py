@@ -19,9 +19,7 @@ from proxy.crypto import TokenCipher
 
 DEFAULT_CREDENTIAL = "default"
 PREFIX = "CBPROXY_"
-SECRETS = frozenset(
-    {"client_secret", "refresh_token", "api_key", "encryption_key", "redis_url"}
-)
+SECRETS = frozenset({"client_secret", "refresh_token", "api_key", "encryption_key", "redis_url"})
 """Settings that are masked by `check-config` and have a `_FILE` twin."""
 
 T = TypeVar("T")
@@ -59,6 +57,7 @@ class Settings:
     token_url: str = "https://api.cloudbeds.com/api/v1.3/access_token"
     authorize_url: str = "https://api.cloudbeds.com/api/v1.3/oauth"
     redis_url: str | None = dataclasses.field(default=None, repr=False)
+    redis_prefix: str = "cbproxy"
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     refresh_leeway: float = 300.0
     log_format: str = "json"
@@ -108,7 +107,15 @@ def _url(value: str) -> str:
 def _redis_url(value: str) -> str:
     scheme = urlsplit(value).scheme
     if scheme not in ("redis", "rediss", "redis+sentinel", "redis+cluster", "rediss+cluster"):
-        raise ValueError("must start with redis://, rediss://, redis+sentinel:// or redis+cluster://")
+        raise ValueError(
+            "must start with redis://, rediss://, redis+sentinel:// or redis+cluster://"
+        )
+    return value
+
+
+def _prefix(value: str) -> str:
+    if not value or any(c in value for c in "{}: \t"):
+        raise ValueError("must be a non-empty key prefix without spaces, ':' or braces")
     return value
 
 
@@ -147,6 +154,7 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "token_url": _url,
     "authorize_url": _url,
     "redis_url": _redis_url,
+    "redis_prefix": _prefix,
     "encryption_key": _fernet_keys,
     "refresh_leeway": _positive(float),
     "log_format": _log_format,
@@ -272,9 +280,7 @@ def _credentials(
 
 def _env_defines_credential(environ: Mapping[str, str]) -> bool:
     keys = ("CLIENT_ID", "CLIENT_SECRET", "API_KEY", "REFRESH_TOKEN")
-    return any(
-        environ.get(PREFIX + k) or environ.get(PREFIX + k + "_FILE") for k in keys
-    )
+    return any(environ.get(PREFIX + k) or environ.get(PREFIX + k + "_FILE") for k in keys)
 
 
 def _credential(

@@ -10,6 +10,7 @@ bytes and Cloudbeds' bytes pass unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -31,7 +32,6 @@ from proxy.errors import (
 from proxy.headers import (
     CREDENTIAL_SELECTOR,
     REQUEST_ID,
-    check_target,
     decode_raw,
     downstream_headers,
     upstream_headers,
@@ -40,6 +40,21 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
 
 log = structlog.get_logger("proxy.forwarding")
+
+
+@dataclasses.dataclass
+class Exchange:
+    """What one request learns on its way through, for the access line and error bodies."""
+
+    request_id: str
+    credential: str | None = None
+    upstream_request_id: str | None = None
+    bytes_sent: int = 0
+    not_replayed: bool = False
+    response_started: bool = False
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
 NOT_REPLAYED = "X-Cloudbeds-Proxy-Not-Replayed"
 # Headers aiohttp's client would invent; the caller's own are sent as they are.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
@@ -109,9 +124,8 @@ class Forwarder:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        check_target(request.method, request.raw_path)
         credential = self._router.pick(request.headers)
-        request["credential"] = credential.name
+        request[EXCHANGE].credential = credential.name
         body = await self._body(request)
         await self._limiter.admit(credential.name)
         header = await credential.header()
@@ -141,7 +155,9 @@ class Forwarder:
         header: tuple[str, str],
         body: bytes | _BodyStream | None,
     ) -> aiohttp.ClientResponse:
-        headers = upstream_headers(decode_raw(request.raw_headers), header, request["request_id"])
+        headers = upstream_headers(
+            decode_raw(request.raw_headers), header, request[EXCHANGE].request_id
+        )
         url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
         try:
@@ -167,7 +183,7 @@ class Forwarder:
                 f"could not reach Cloudbeds ({type(exc).__name__}); retry later", retry_after=5
             ) from None
         self._metrics.upstream_latency.observe(time.perf_counter() - started)
-        request["upstream_request_id"] = response.headers.get(REQUEST_ID)
+        request[EXCHANGE].upstream_request_id = response.headers.get(REQUEST_ID)
         await self._honour_pause(credential.name, response)
         return response
 
@@ -195,7 +211,7 @@ class Forwarder:
             return response
         if isinstance(body, _BodyStream):
             self._metrics.replays.labels(credential.name, "not_replayed").inc()
-            request["not_replayed"] = True
+            request[EXCHANGE].not_replayed = True
             return response
         response.release()
         self._metrics.replays.labels(credential.name, "replayed").inc()
@@ -207,19 +223,22 @@ class Forwarder:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(downstream_headers(decode_raw(upstream.raw_headers)))
-        if request.get("not_replayed"):
+        exchange = request[EXCHANGE]
+        if exchange.not_replayed:
             response.headers[NOT_REPLAYED] = "body-streamed"
         await response.prepare(request)
-        sent = 0
+        exchange.response_started = True
         try:
             async for chunk in upstream.content.iter_any():
-                sent += len(chunk)
+                exchange.bytes_sent += len(chunk)
                 await response.write(chunk)
         except aiohttp.ClientError as exc:
-            # Headers are gone already: all we can do is cut the connection.
+            # The status line is gone already: cut the connection so the caller sees a
+            # truncated answer rather than a complete-looking one.
             log.warning("upstream.body.broken", error=type(exc).__name__, credential=credential)
-            raise
-        request["bytes_sent"] = sent
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("upstream body broken") from None
         await response.write_eof()
         return response
 

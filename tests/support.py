@@ -1,0 +1,126 @@
+"""Real servers for tests: the fake Cloudbeds and the proxy, in-process or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Settings, load_settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free loopback port; returns the runner (for cleanup) and base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def wait_ready(url: str, timeout: float = 10.0) -> None:
+    """Poll /_proxy/readyz until it answers 200 (every credential has a token)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"{url}/_proxy/readyz") as response:
+                if response.status == 200:
+                    return
+                body = await response.text()
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{url} not ready after {timeout}s: {body}")
+            await asyncio.sleep(0.02)
+
+
+def fake_env(fake_url: str) -> dict[str, str]:
+    """Variables that point a proxy at the fake Cloudbeds with its default credential."""
+    return {
+        "CBPROXY_UPSTREAM_URL": fake_url,
+        "CBPROXY_TOKEN_URL": f"{fake_url}/api/v1.3/access_token",
+        "CBPROXY_AUTHORIZE_URL": f"{fake_url}/api/v1.3/oauth",
+        "CBPROXY_CLIENT_ID": "fake-client-id",
+        "CBPROXY_CLIENT_SECRET": "fake-client-secret",
+        "CBPROXY_REFRESH_TOKEN": "fake-refresh-token",
+        "CBPROXY_REDIRECT_URI": "https://localhost/callback",
+        "CBPROXY_RATE_LIMIT": "0",
+    }
+
+
+def settings_for(fake_url: str, **overrides: str) -> Settings:
+    return load_settings({**fake_env(fake_url), **overrides})
+
+
+class ProxyProcess:
+    """`cloudbeds-proxy serve` as a real process, its JSON log captured to a file."""
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, args: tuple[str, ...] = ()
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "CBPROXY_PORT": str(self.port),
+            "CBPROXY_LOG_FORMAT": "json",
+            **env,
+        }
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> ProxyProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited early:\n{self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_proxy/healthz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"proxy did not start:\n{self.log_path.read_text()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
