@@ -40,7 +40,7 @@ async def echo(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> dict[
 async def test_odd_path_and_query_reach_cloudbeds_byte_for_byte(
     fake_cloudbeds: Fake, start_proxy: Any
 ) -> None:
-    state, fake_url = fake_cloudbeds
+    _state, fake_url = fake_cloudbeds
     proxy = await start_proxy(settings_for(fake_url))
     target = "/api/v1.3/fake/echo/a%2Cb?ids=1%2C2&q=a+b&rooms[0][roomTypeID]=7&x=%E2%82%AC&empty="
     answer = await raw_request(
@@ -87,7 +87,7 @@ async def test_form_and_multipart_bodies_arrive_unchanged(
                 headers={"Content-Type": content_type},
             )
             assert base64.b64decode(seen["body_base64"]) == body
-            assert dict((k.lower(), v) for k, v in seen["headers"])["content-type"] == content_type
+            assert {k.lower(): v for k, v in seen["headers"]}["content-type"] == content_type
 
 
 async def test_gzip_passes_through_still_compressed(fake_cloudbeds: Fake, start_proxy: Any) -> None:
@@ -255,7 +255,7 @@ async def test_upstream_timeout_is_504_json(fake_cloudbeds: Fake, start_proxy: A
 
 
 async def test_body_over_limit_is_413_json(fake_cloudbeds: Fake, start_proxy: Any) -> None:
-    state, fake_url = fake_cloudbeds
+    _state, fake_url = fake_cloudbeds
     proxy = await start_proxy(settings_for(fake_url, CBPROXY_MAX_BODY_BYTES="1000"))
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{proxy}/api/v1.3/fake/echo", data=b"x" * 1001) as response:

@@ -1,0 +1,103 @@
+"""The credential on the request path, through the proxy's port, with a shared fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.clock import FakeClock
+from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
+from tests.support import serve, settings_for
+
+
+@pytest.fixture
+async def clocked_fake() -> AsyncIterator[tuple[FakeCloudbeds, str, FakeClock]]:
+    clock = FakeClock()
+    state = FakeCloudbeds(clock=clock, expires_in=3600)
+    runner, url = await serve(create_fake_app(state))
+    yield state, url, clock
+    await runner.cleanup()
+
+
+async def test_concurrent_requests_at_expiry_cause_one_refresh(
+    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+) -> None:
+    state, url, clock = clocked_fake
+    proxy = await start_proxy(settings_for(url), clock=clock)
+    assert state.token_calls["refresh_token"] == 1
+    clock.advance(3600)  # every token is now expired, for the proxy and the fake alike
+    state.token_delay = 0.2  # keep the refresh in flight while the requests pile up
+    async with aiohttp.ClientSession() as session:
+
+        async def call() -> int:
+            async with session.get(f"{proxy}/api/v1.3/getHotels") as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(call() for _ in range(50)))
+    assert statuses == [200] * 50
+    assert state.token_calls["refresh_token"] == 2
+    assert state.expired_token_calls == 0
+
+
+async def test_expired_token_is_never_sent(
+    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+) -> None:
+    state, url, clock = clocked_fake
+    proxy = await start_proxy(settings_for(url, CBPROXY_WAIT_FOR_TOKEN="0.5"), clock=clock)
+    state.token_failures = 10_000
+    clock.advance(3601)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{proxy}/api/v1.3/getHotels") as response,
+    ):
+        assert response.status == 503
+        assert response.headers["X-Cloudbeds-Proxy-Error"] == "no_usable_token"
+        assert "Retry-After" in response.headers
+    assert state.api_calls == 0
+    assert state.expired_token_calls == 0
+
+
+async def test_401_refreshes_once_and_replays_a_buffered_body(
+    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+) -> None:
+    state, url, clock = clocked_fake
+    proxy = await start_proxy(settings_for(url), clock=clock)
+    clock.advance(60)  # past the minimum interval between forced refreshes
+    state.revoke_all()
+    async with aiohttp.ClientSession() as session:
+
+        async def post() -> tuple[int, Any]:
+            async with session.post(
+                f"{proxy}/api/v1.3/fake/echo", data={"guestFirstName": "Zoë"}
+            ) as response:
+                return response.status, await response.json()
+
+        results = await asyncio.gather(*(post() for _ in range(10)))
+    assert [status for status, _ in results] == [200] * 10
+    assert state.token_calls["refresh_token"] == 2  # start-up plus exactly one after the 401s
+
+
+async def test_401_with_streamed_body_is_not_replayed(
+    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+) -> None:
+    state, url, clock = clocked_fake
+    proxy = await start_proxy(settings_for(url, CBPROXY_REPLAY_BODY_BYTES="10"), clock=clock)
+    clock.advance(60)
+    state.revoke_all()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 100
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{proxy}/api/v1.3/fake/echo", data=body()) as response:
+            assert response.status == 401
+            assert response.headers["X-Cloudbeds-Proxy-Not-Replayed"] == "body-streamed"
+            assert (await response.json())["error"] == "access_denied"
+        # The refresh happened, so the next request succeeds.
+        async with session.post(f"{proxy}/api/v1.3/fake/echo", data=body()) as response:
+            assert response.status == 200
+    assert state.token_calls["refresh_token"] == 2
