@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -119,14 +120,20 @@ def _prefix(value: str) -> str:
     return value
 
 
-def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
+def _positive(parse: Callable[[str], T], *, zero: bool = True) -> Callable[[str], T]:
     def check(value: str) -> T:
         number = parse(value)
-        if number < 0:  # type: ignore[operator]
-            raise ValueError("must not be negative")
+        if not math.isfinite(number):  # type: ignore[arg-type]
+            raise ValueError("must be a finite number")
+        if number < 0 or (number == 0 and not zero):  # type: ignore[operator]
+            raise ValueError("must not be negative" if zero else "must be greater than 0")
         return number
 
     return check
+
+
+# aiohttp reads a timeout of 0 as "no timeout", and a poll interval of 0 would spin.
+_bound = _positive(float, zero=False)
 
 
 def _port(value: str) -> int:
@@ -158,16 +165,16 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "encryption_key": _fernet_keys,
     "refresh_leeway": _positive(float),
     "log_format": _log_format,
-    "connect_timeout": _positive(float),
-    "read_timeout": _positive(float),
-    "token_timeout": _positive(float),
+    "connect_timeout": _bound,
+    "read_timeout": _bound,
+    "token_timeout": _bound,
     "max_body_bytes": _positive(int),
     "replay_body_bytes": _positive(int),
     "lock_ttl": _positive(float),
     "shutdown_grace": _positive(float),
     "rate_max_wait": _positive(float),
     "wait_for_token": _positive(float),
-    "poll_interval": _positive(float),
+    "poll_interval": _bound,
 }
 CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
     "client_id": str,
