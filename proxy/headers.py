@@ -46,7 +46,8 @@ def check_target(method: str, raw_target: str) -> None:
     path = raw_target.split("?", 1)[0]
     if _CONTROL.search(raw_target.split("#", 1)[0]):
         raise ForbiddenTarget("the request target holds a control character or a backslash")
-    segments = [unquote(s) for s in path.split("/")[1:]]
+    # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
+    segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
     if any(s in (".", "..") for s in segments):
         raise ForbiddenTarget("the path holds a '.' or '..' segment; send the resolved path")
     named = [s for s in segments if s]
