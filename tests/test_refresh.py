@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from proxy.refresh import (
@@ -108,7 +110,7 @@ def test_jitter_is_bounded_by_a_fifth_of_a_small_leeway() -> None:
 def test_backoff_grows_and_is_capped() -> None:
     ceilings = [backoff(attempt, POLICY, 0.999999) for attempt in range(12)]
     assert ceilings[:6] == pytest.approx([1, 2, 4, 8, 16, 32], rel=1e-5)
-    assert all(a <= b for a, b in zip(ceilings, ceilings[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(ceilings))
     assert max(ceilings) <= POLICY.backoff_cap
     assert ceilings[-1] == pytest.approx(60, rel=1e-5)
 
