@@ -115,6 +115,7 @@ async def _runtime(
         metrics=metrics,
         replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         clock=clock,
+        heartbeat_interval=settings.heartbeat_interval,
     )
     credentials: dict[str, Credential] = {}
     for cred in settings.credentials:

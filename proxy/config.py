@@ -72,6 +72,7 @@ class Settings:
     rate_max_wait: float = 2.0
     wait_for_token: float = 10.0
     poll_interval: float = 10.0
+    heartbeat_interval: float = 5.0
 
     def credential(self, name: str) -> CredentialSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
@@ -175,6 +176,7 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "rate_max_wait": _positive(float),
     "wait_for_token": _positive(float),
     "poll_interval": _bound,
+    "heartbeat_interval": _bound,
 }
 CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
     "client_id": str,
