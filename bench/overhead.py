@@ -23,7 +23,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import ProxyProcess, fake_env, free_port  # noqa: E402
+from proxy.fake_cloudbeds import FakeCloudbeds
+from tests.support import ProxyProcess, fake_env, free_port
 
 
 def start_fake(port: int) -> subprocess.Popen[bytes]:
@@ -39,12 +40,6 @@ def start_fake(port: int) -> subprocess.Popen[bytes]:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("fake Cloudbeds did not start")
-
-
-def api_key_of_fake() -> str:
-    from proxy.fake_cloudbeds import FakeCloudbeds
-
-    return FakeCloudbeds().api_key
 
 
 async def sequential(url: str, n: int, headers: dict[str, str]) -> list[float]:
@@ -100,7 +95,7 @@ async def main() -> None:
     proxy = ProxyProcess(env, log).start()
     try:
         path = "/api/v1.3/getHotels"
-        direct_headers = {"x-api-key": api_key_of_fake()}
+        direct_headers = {"x-api-key": FakeCloudbeds().api_key}
         direct = await sequential(fake_url + path, args.requests, direct_headers)
         via = await sequential(proxy.url + path, args.requests, {})
         direct_rps = await concurrent(
