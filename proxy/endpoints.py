@@ -8,6 +8,7 @@ bootstrap an OAuth credential (Cloudbeds quickstart, steps 3 and 4).
 from __future__ import annotations
 
 import html
+import os
 import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -39,7 +40,8 @@ def _runtime(request: web.Request) -> Runtime:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+    # The pid tells `--workers` processes apart; liveness reads nothing else.
+    return web.json_response({"status": "alive", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
