@@ -4,20 +4,26 @@
 header (Cloudbeds OpenAPI spec, `cloudbeds-pms-v1-3`). Grants: `refresh_token` and
 `authorization_code` (+ `redirect_uri`, `code`). Success is
 `{access_token, token_type, expires_in, refresh_token, resources: [{type, id}]}`.
-Any 4xx is permanent (the refresh token or client needs a human); a 5xx, a timeout or an
-answer we cannot read is transient. `send_token_request` is the only I/O here.
+Any 4xx is permanent (the refresh token or client needs a human), except 408 and 429, which
+say "later" by definition; a 5xx, a timeout or an answer we cannot read (no access token,
+no positive, finite `expires_in`) is transient. `send_token_request` is the only I/O here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
 
 from proxy.errors import TokenEndpointUnavailable, TokenRejected
+from proxy.logs import register_secret
+
+_TRANSIENT_4XX = frozenset({408, 429})
+_SECRET_FIELDS = ("client_secret", "refresh_token", "code")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +53,22 @@ def code_form(client_id: str, client_secret: str, redirect_uri: str, code: str) 
     }
 
 
-def decode_token_response(status: int, body: bytes) -> TokenResponse:
-    """Turn the endpoint's answer into a TokenResponse or raise a TokenEndpointError."""
+def decode_token_response(
+    status: int, body: bytes, *, secrets: Iterable[str] = ()
+) -> TokenResponse:
+    """Turn the endpoint's answer into a TokenResponse or raise a TokenEndpointError.
+
+    `secrets` (what the request sent) are masked in the error text, should Cloudbeds echo one.
+    """
     data = _json_object(body)
-    if 400 <= status < 500:
-        error = str(data.get("error", "unknown_error"))
-        # The description is Cloudbeds' text about our request; it never echoes a secret.
+    if 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        error = str(data.get("error", "unknown_error"))[:100]
         description = str(data.get("error_description") or data.get("message") or "")[:200]
-        raise TokenRejected(f"{error}: {description}".rstrip(": "), status=status)
+        reason = f"{error}: {description}".rstrip(": ")
+        for secret in secrets:
+            if secret:
+                reason = reason.replace(secret, "[redacted]")
+        raise TokenRejected(reason, status=status)
     if status != 200:
         raise TokenEndpointUnavailable(f"token endpoint answered HTTP {status}", status=status)
     access_token, expires_in = data.get("access_token"), data.get("expires_in")
@@ -66,6 +80,9 @@ def decode_token_response(status: int, body: bytes) -> TokenResponse:
         lifetime = float(expires_in)
     except ValueError:
         raise TokenEndpointUnavailable("token endpoint answered a non-numeric expires_in") from None
+    if not math.isfinite(lifetime) or lifetime <= 0:
+        # A token that is born expired would be refreshed in a tight loop; never trust it.
+        raise TokenEndpointUnavailable("token endpoint answered a non-positive expires_in")
     refresh = data.get("refresh_token")
     return TokenResponse(
         access_token=access_token,
@@ -110,4 +127,10 @@ async def send_token_request(
         raise TokenEndpointUnavailable(
             f"token endpoint unreachable ({type(exc).__name__})"
         ) from None
-    return decode_token_response(status, body)
+    tokens = decode_token_response(
+        status, body, secrets=[form[k] for k in _SECRET_FIELDS if k in form]
+    )
+    # Received tokens join the configured secrets that the log redaction masks.
+    register_secret(tokens.access_token)
+    register_secret(tokens.refresh_token)
+    return tokens
