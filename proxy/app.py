@@ -52,6 +52,8 @@ class Runtime:
     limiter: Limiter
     forwarder: Forwarder
     store_ok: bool = True
+    stop_deadline: float | None = None
+    """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -89,7 +91,15 @@ def create_app(
             app[RUNTIME] = runtime
             yield
 
+    async def mark_stopping(app: web.Application) -> None:
+        # on_shutdown runs as the listener closes, before the grace wait for requests.
+        runtime = app.get(RUNTIME)
+        if runtime is not None:
+            runtime.stop_deadline = asyncio.get_running_loop().time() + settings.shutdown_grace
+        log.info("proxy.stopping", grace=settings.shutdown_grace)
+
     app.cleanup_ctx.append(runtime_ctx)
+    app.on_shutdown.append(mark_stopping)
     return app
 
 
@@ -158,8 +168,14 @@ async def _runtime(
     finally:
         for task in tasks:
             task.cancel()
-        # Cancelled refreshes release their locks in their `finally` blocks.
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A refresh in flight may finish in what is left of the grace period, then it is
+        # cancelled; either way its `finally` releases the lock before the store closes.
+        now = asyncio.get_running_loop().time()
+        left = (runtime.stop_deadline or now) - now
+        await asyncio.gather(
+            *(c.stop(left) for c in credentials.values() if isinstance(c, OAuthCredential))
+        )
         await session.close()
         await store.close()
 

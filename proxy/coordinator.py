@@ -311,6 +311,22 @@ class OAuthCredential:
             await self._single_flight(force_generation=record.generation)
         return self.record
 
+    async def stop(self, timeout: float) -> None:
+        """At shutdown: let a refresh in flight finish within `timeout`, then cancel it.
+
+        Finishing keeps what Cloudbeds returned (a rotated refresh token is not lost);
+        cancelling runs the refresh's `finally`, which releases the lock at once rather
+        than leaving it to expire while other replicas wait.
+        """
+        task = self._inflight
+        if task is None or task.done():
+            return
+        await asyncio.wait({task}, timeout=max(timeout, 0.0))
+        if not task.done():
+            log.warning("token.refresh.abandoned", credential=self.name, reason="shutdown")
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     async def _single_flight(self, *, force_generation: int | None) -> None:
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.create_task(self._refresh(force_generation))
