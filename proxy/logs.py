@@ -60,7 +60,11 @@ def _clean(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # Anything else (an exception, a URL, a record) is rendered through repr() anyway:
+    # render it here, where it can still be scrubbed.
+    return _scrub(repr(value))
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

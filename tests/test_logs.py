@@ -1,0 +1,150 @@
+"""Log redaction: secret-named fields, token patterns and registered secrets, anywhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from proxy import logs
+from proxy.logs import REDACTED, redact, register_secret
+
+SECRET = "registered-secret-value-1"
+
+
+def run(**event: Any) -> dict[str, Any]:
+    return dict(redact(None, "info", dict(event)))
+
+
+@pytest.fixture(autouse=True)
+def _secret() -> None:
+    register_secret(SECRET)
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """structlog and the stdlib root logger configured to a buffer, restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("json", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "authorization",
+        "Authorization",
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "api_key",
+        "X-API-KEY",
+        "password",
+        "code",
+        "token",
+        "secret",
+        "encryption_key",
+    ],
+)
+def test_secret_named_fields_are_masked(key: str) -> None:
+    assert run(**{key: "plain-value"})[key] == REDACTED
+
+
+def test_empty_secret_fields_stay_empty() -> None:
+    assert run(refresh_token=None, code="") == {"refresh_token": None, "code": ""}
+
+
+def test_ordinary_fields_are_kept() -> None:
+    event = run(event="request", method="GET", status=200, duration_ms=1.5, ok=True, none=None)
+    assert event == {
+        "event": "request",
+        "method": "GET",
+        "status": 200,
+        "duration_ms": 1.5,
+        "ok": True,
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("sent Authorization: Bearer abc.def-ghi_123 upstream", "abc.def-ghi_123"),
+        ("bearer lowercase-token", "lowercase-token"),
+        ('{"Authorization": "Bearer quoted-token"}', "quoted-token"),
+        ("x-api-key=cbat_AbC123_-xyz", "cbat_AbC123_-xyz"),
+    ],
+)
+def test_token_patterns_are_masked_in_any_text(text: str, secret: str) -> None:
+    cleaned = run(event=text)["event"]
+    assert secret not in cleaned
+    assert REDACTED in cleaned
+
+
+def test_registered_secrets_are_masked_nested_in_dicts_and_lists() -> None:
+    event = run(
+        detail={"nested": [f"a {SECRET} b", ("tuple", SECRET)], "headers": {"token": "t0k3n"}},
+        items=[{"deep": {"deeper": [SECRET]}}],
+    )
+    text = json.dumps(event)
+    assert SECRET not in text
+    assert "t0k3n" not in text
+    assert event["detail"]["headers"]["token"] == REDACTED
+
+
+def test_secrets_in_exception_objects_are_masked() -> None:
+    event = run(error=ValueError(f"refresh failed for {SECRET}"), when={SECRET})
+    assert SECRET not in json.dumps(event)
+    assert "ValueError" in event["error"]
+
+
+def test_short_values_are_not_registered() -> None:
+    register_secret("abc")
+    register_secret(None)
+    register_secret("")
+    assert run(event="abc")["event"] == "abc"
+
+
+def test_configured_json_logs_are_redacted_end_to_end(captured: io.StringIO) -> None:
+    log = structlog.get_logger("test")
+    structlog.contextvars.bind_contextvars(request_id="rid-1")
+    try:
+        log.info("token.refresh.ok", credential="default", note=f"got {SECRET}")
+        try:
+            raise RuntimeError(f"boom with Bearer {SECRET}-x and {SECRET}")
+        except RuntimeError:
+            log.exception("request.crashed")
+        log.warning("odd", headers={"Authorization": "Bearer caller-token-9"})
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    logging.getLogger("aiohttp.server").error("library says %s", SECRET)
+    lines = captured.getvalue().splitlines()
+    assert len(lines) == 4
+    events = [json.loads(line) for line in lines]
+    assert [e["event"] for e in events[:3]] == ["token.refresh.ok", "request.crashed", "odd"]
+    assert events[0]["request_id"] == "rid-1"
+    assert events[0]["level"] == "info"
+    assert "RuntimeError" in events[1]["exception"]
+    assert events[3]["event"].startswith("library says")
+    for line in lines:
+        assert SECRET not in line
+        assert "caller-token-9" not in line
+
+
+def test_console_format_is_redacted_too(captured: io.StringIO) -> None:
+    stream = io.StringIO()
+    logs.configure("console", stream=stream)
+    structlog.get_logger("test").info("hello", refresh_token=SECRET, text=f"x {SECRET}")
+    out = stream.getvalue()
+    assert "hello" in out
+    assert SECRET not in out
