@@ -390,6 +390,7 @@ class OAuthCredential:
                 self._transient_failure(TokenEndpointUnavailable(exc.message))
                 return
         started = self._clock()
+        log.info("token.refresh.started", credential=self.name, generation=record.generation)
         try:
             with self._metrics.refresh_duration.labels(self.name).time():
                 response = await cloudbeds.send_token_request(

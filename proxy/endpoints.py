@@ -111,7 +111,8 @@ async def oauth_start(request: web.Request) -> web.Response:
     target = authorize_url(
         _runtime(request).settings.authorize_url, settings.client_id, settings.redirect_uri, state
     )
-    response = web.HTTPFound(target)
+    # Returned, not raised, so the cookie goes with it; a returned HTTPException is deprecated.
+    response = web.Response(status=302, headers={"Location": target})
     response.set_cookie(STATE_COOKIE, state, max_age=600, httponly=True, samesite="Lax")
     return response
 
