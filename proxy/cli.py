@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -110,7 +111,15 @@ def _run(coro: Any) -> int:
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     require_credentials(settings)
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, not {args.workers}")
     if args.workers > 1:
+        if settings.redis_url is None:
+            raise ConfigError(
+                "CBPROXY_REDIS_URL: --workers above 1 needs Redis; with the in-process store "
+                "each worker would keep and refresh its own token. Set CBPROXY_REDIS_URL "
+                "or run one worker"
+            )
         return _supervise(args)
     web.run_app(
         create_app(settings),
@@ -125,20 +134,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _supervise(args: argparse.Namespace) -> int:
-    """Run `--workers` serve processes on one port (SO_REUSEPORT); pass signals on."""
+    """Run `--workers` serve processes on one port (SO_REUSEPORT); pass signals on.
+
+    The workers get signals only from here (their own process group), so a Ctrl-C in a
+    terminal reaches each once. A worker that exits on its own stops the others and the
+    command fails, so the container's restart policy brings back a full set.
+    """
     command = [sys.executable, "-m", "proxy", "serve", "--reuse-port"]
     if args.config:
         command += ["--config", args.config]
-    children = [subprocess.Popen(command) for _ in range(args.workers)]  # noqa: S603
+    children: list[subprocess.Popen[bytes]] = []
+    stopping: list[int] = []
 
     def forward(signum: int, _: Any) -> None:
+        stopping.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    for _ in range(args.workers):
+        if not stopping:
+            children.append(subprocess.Popen(command, process_group=0))  # noqa: S603
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not stopping:
+        print("cloudbeds-proxy: a worker exited; stopping the others", file=sys.stderr)
+        forward(signal.SIGTERM, None)
+        stopping.clear()
+    codes = [child.wait() for child in children]
+    if stopping and all(code == 0 for code in codes):
+        return 0
+    return next((code for code in codes if code > 0), 1)
 
 
 def _check_config(args: argparse.Namespace) -> int:
