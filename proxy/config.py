@@ -283,6 +283,10 @@ def _credentials(
             if values[field] is None:
                 values[field] = defaults[field]
         props = table.get("properties", [])
+        if not isinstance(props, list):
+            raise ConfigError(
+                f'[credentials.{name}].properties: must be a list of property ids, like ["1001"]'
+            )
         result.append(_credential(name, values, tuple(str(p) for p in props)))
     return tuple(result)
 

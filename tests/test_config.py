@@ -304,6 +304,11 @@ def test_property_routed_to_two_credentials_is_an_error(tmp_path: Path) -> None:
     assert "[credentials.partner].properties" in message
 
 
+def test_properties_must_be_a_list(tmp_path: Path) -> None:
+    text = TOML.replace('properties = ["2001"]', 'properties = "2001"')
+    assert error_for({}, toml(tmp_path, text)).startswith("[credentials.partner].properties:")
+
+
 def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
     assert error_for({}, str(tmp_path / "missing.toml")).startswith("--config:")
     assert error_for({}, toml(tmp_path, "[proxy\n")).startswith("--config:")
