@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
 from proxy.store import TokenStore
-from proxy.tokens import State, TokenRecord, seed_record
+from proxy.tokens import State, TokenRecord, grant_outranks, seed_record
 
 log = structlog.get_logger("proxy.coordinator")
 TokenGate = Callable[[str], Awaitable[object]]
@@ -261,7 +262,7 @@ class OAuthCredential:
         log.info("token.authorized", credential=self.name, generation=record.generation)
         return record
 
-    async def _save(self, record: TokenRecord) -> None:
+    async def _save(self, record: TokenRecord, *, rebase: bool = True) -> None:
         try:
             written = await self._store.put(self.name, record)
         except StoreUnavailable:
@@ -271,10 +272,22 @@ class OAuthCredential:
             return
         self._unsaved = None
         if not written:
-            self._metrics.lock_losses.labels(self.name).inc()
             stored = None
             with contextlib.suppress(StoreUnavailable):
                 stored = await self._store.load(self.name)
+            if rebase and stored is not None and grant_outranks(record, stored):
+                # Written once more, one generation up; `rebase=False` bounds it to once.
+                rebased = dataclasses.replace(record, generation=stored.generation + 1)
+                log.warning(
+                    "token.write.rebased",
+                    credential=self.name,
+                    refusal=stored.generation,
+                    generation=rebased.generation,
+                )
+                self.adopt(rebased)
+                await self._save(rebased, rebase=False)
+                return
+            self._metrics.lock_losses.labels(self.name).inc()
             if stored is not None:
                 log.info("token.write.superseded", credential=self.name, stored=stored.generation)
                 self.adopt(stored, force=True)
@@ -422,6 +435,18 @@ class OAuthCredential:
         await self._save(new)
 
     async def _rejected_by_cloudbeds(self, record: TokenRecord, exc: TokenRejected) -> None:
+        newer = await self._newer_than(record)
+        if newer is not None:
+            # Another replica refreshed while this call was in flight (this one's lock had
+            # expired): the refusal is of a refresh token that is no longer the current one.
+            log.info(
+                "token.refresh.rejected.superseded",
+                credential=self.name,
+                reason=exc.reason,
+                generation=newer.generation,
+            )
+            self.adopt(newer)
+            return
         self._metrics.refreshes.labels(self.name, "rejected").inc()
         self.last_error = exc.reason
         log.error(
@@ -434,6 +459,17 @@ class OAuthCredential:
         blocked = record.successor(state=State.REAUTHORIZATION_REQUIRED)
         self.adopt(blocked)
         await self._save(blocked)
+
+    async def _newer_than(self, record: TokenRecord) -> TokenRecord | None:
+        """A record newer than `record`, in memory or in the store, if there is one."""
+        current = self.record
+        if current is not None and current.generation > record.generation:
+            return current
+        with contextlib.suppress(StoreUnavailable):
+            stored = await self._store.load(self.name)
+            if stored is not None and stored.generation > record.generation:
+                return stored
+        return None
 
     def _transient_failure(self, exc: TokenEndpointUnavailable) -> None:
         self._metrics.refreshes.labels(self.name, "transient").inc()

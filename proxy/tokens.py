@@ -8,6 +8,7 @@ Rules (DESIGN.md, "The token lifecycle"):
 - `generation` only grows. A store write whose generation is not greater than the stored
   one is refused, so a slow or stale writer can never replace a newer token.
 - A token is usable until `expires_at`; it is never sent once expired.
+- A grant and a refusal made from the same record: the grant wins (`grant_outranks`).
 """
 
 from __future__ import annotations
@@ -75,4 +76,22 @@ def seed_record(refresh_token: str, generation: int = 0) -> TokenRecord:
     """A record holding only a refresh token: the next step is a refresh."""
     return TokenRecord(
         access_token=None, expires_at=0.0, refresh_token=refresh_token, generation=generation
+    )
+
+
+def grant_outranks(mine: TokenRecord, stored: TokenRecord) -> bool:
+    """True when `mine` (a token Cloudbeds issued) must replace `stored`, a refusal.
+
+    Two replicas can refresh from the same record: one whose lock expired mid call, or
+    each one while Redis is down. With rotating refresh tokens Cloudbeds then refuses
+    the second call (`invalid_grant`: the first rotated the token away). Both write
+    generation n+1, and whichever lands first wins the compare-and-set; a refusal that
+    wins would block the fleet and lose the refresh token Cloudbeds just returned.
+    """
+    return (
+        mine.generation == stored.generation
+        and mine.state is State.OK
+        and mine.access_token is not None
+        and stored.state is State.REAUTHORIZATION_REQUIRED
+        and stored.refresh_token != mine.refresh_token
     )

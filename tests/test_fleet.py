@@ -308,12 +308,14 @@ async def stored_generation(url: str, prefix: str) -> int | None:
     return int(raw) if raw is not None else None
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["fixed", "rotating"])
 async def test_redis_outage_longer_than_the_leeway(
-    fake_cloudbeds: Fake, private_redis: RedisServer, key_prefix: str, fleet: Any
+    fake_cloudbeds: Fake, private_redis: RedisServer, key_prefix: str, fleet: Any, rotate: bool
 ) -> None:
     state, fake_url = fake_cloudbeds
-    lifetime, leeway = 6.0, 2.0
-    state.expires_in = int(lifetime)
+    # Redis comes back 1.5 s before the old token expires: time to write back and converge.
+    lifetime, leeway = 8.0, 3.0
+    state.expires_in, state.rotate_refresh_tokens = int(lifetime), rotate
     calls = timed(state)
     env = proxy_env(fake_url, private_redis.url, key_prefix, CBPROXY_REFRESH_LEEWAY=str(leeway))
     procs = await fleet(env, 2)
@@ -347,6 +349,15 @@ async def test_redis_outage_longer_than_the_leeway(
     assert held[0] is not None and held[0] > generation
     assert await stored_generation(private_redis.url, key_prefix) == held[0]
     assert len(calls.refreshes()) - seeded <= len(procs) + 1
+    # With rotation, the replica that refreshed second was refused (the first had rotated
+    # the token away): that refusal must not block the fleet nor lose the new token.
+    for proc in procs:
+        assert (await get(proc.url, "/_proxy/tokens"))[1]["default"]["state"] == "ok"
+    store = RedisStore.from_url(private_redis.url, prefix=key_prefix)
+    stored = await store.load("default")
+    await store.close()
+    assert stored is not None
+    assert stored.refresh_token in state.valid_refresh_tokens()
     assert traffic.failures == []
     assert state.expired_token_calls == 0
     assert state.rejected_calls == 0
@@ -355,10 +366,17 @@ async def test_redis_outage_longer_than_the_leeway(
 # --- late writers and rotated refresh tokens ----------------------------------------------
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["fixed", "rotating"])
 async def test_stale_lock_holders_late_write_is_refused(
-    fake_cloudbeds: Fake, redis_url: str, key_prefix: str, real_redis: aioredis.Redis
+    fake_cloudbeds: Fake, redis_url: str, key_prefix: str, real_redis: aioredis.Redis, rotate: bool
 ) -> None:
+    """A's lock expires mid call; B refreshes. A's late answer never replaces B's token.
+
+    With rotating refresh tokens A's late answer is a refusal (B rotated the token away):
+    that must not put the credential in reauthorization_required either.
+    """
     state, fake_url = fake_cloudbeds
+    state.rotate_refresh_tokens = rotate
     settings = dataclasses.replace(
         settings_for(fake_url, CBPROXY_REDIS_URL=redis_url, CBPROXY_REDIS_PREFIX=key_prefix),
         lock_ttl=0.5,  # shorter than the slow call below: A's lock expires mid refresh
@@ -400,6 +418,9 @@ async def test_stale_lock_holders_late_write_is_refused(
         assert stored.generation == generation + 1
         assert stored.access_token == b.record.access_token
         assert a.record == stored, "the late writer adopts the record that won"
+        assert stored.state.value == "ok"
+        assert stored.refresh_token in state.valid_refresh_tokens()
+        assert a.ready() == (True, "ok")
         for store in stores:
             await store.close()
 
