@@ -234,31 +234,31 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = exchange.request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = asyncio.get_running_loop().time()
-    status = 500
+    response: web.StreamResponse | None = None
     try:
         if not request.raw_path.startswith("/_proxy/"):
             # Before routing decides anything: CONNECT and absolute-form targets match no route.
             check_target(request.method, request.raw_path)
         response = await handler(request)
-        status = response.status
-        return response
     except ProxyError as exc:
-        status = exc.status
-        return _error_response(request, exc)
+        response = _error_response(request, exc)
     except web.HTTPException as exc:
-        status = exc.status
-        return _error_response(request, _http_error(exc))
+        if exc.status < 400:  # a redirect raised as an exception is an answer, not an error
+            response = exc
+            raise
+        response = _error_response(request, _http_error(exc))
     except Exception:
         if exchange.response_started:
             raise
         log.exception("request.crashed")
-        return _error_response(
+        response = _error_response(
             request,
             ProxyError("the proxy failed unexpectedly; retry, and report it if it persists"),
         )
     finally:
-        _access(request, status, asyncio.get_running_loop().time() - started)
+        _access(request, response, asyncio.get_running_loop().time() - started)
         structlog.contextvars.unbind_contextvars("request_id")
+    return response
 
 
 def _http_error(exc: web.HTTPException) -> ProxyError:
@@ -288,8 +288,12 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
     )
 
 
-def _access(request: web.Request, status: int, duration: float) -> None:
+def _access(request: web.Request, response: web.StreamResponse | None, duration: float) -> None:
     exchange = request[EXCHANGE]
+    status = response.status if response is not None else 500
+    sent = exchange.bytes_sent
+    if not exchange.response_started and response is not None:
+        sent = response.content_length or 0
     runtime = request.app.get(RUNTIME)
     if runtime is not None:
         runtime.metrics.requests.labels(request.method, f"{status // 100}xx").inc()
@@ -298,7 +302,7 @@ def _access(request: web.Request, status: int, duration: float) -> None:
         method=request.method,
         path=request.path,
         status=status,
-        bytes=exchange.bytes_sent,
+        bytes=sent,
         duration_ms=round(duration * 1000, 2),
         credential=exchange.credential,
         upstream_request_id=exchange.upstream_request_id,

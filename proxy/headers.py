@@ -30,7 +30,8 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
 REQUEST_ID = "X-Request-ID"
 _DROPPED_UPSTREAM = CREDENTIAL_HEADERS | {"host", CREDENTIAL_SELECTOR.lower()}
-_CONTROL = re.compile(r"[\x00-\x20\x7f\\]|%(?:[01][0-9a-f]|7f|5c)", re.IGNORECASE)
+_RAW_CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+_ENCODED_CONTROL = re.compile(r"%(?:[01][0-9a-f]|7f|5c)", re.IGNORECASE)
 _MINTING_SEGMENTS = frozenset({"access_token", "oauth"})
 
 
@@ -44,7 +45,9 @@ def check_target(method: str, raw_target: str) -> None:
             "the proxy only forwards to its configured upstream"
         )
     path = raw_target.split("?", 1)[0]
-    if _CONTROL.search(raw_target.split("#", 1)[0]):
+    # Raw, they are never valid in a target; encoded, they are data in a query (a note
+    # with a line break) but never part of a path.
+    if _RAW_CONTROL.search(raw_target) or _ENCODED_CONTROL.search(path):
         raise ForbiddenTarget("the request target holds a control character or a backslash")
     # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
     segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
