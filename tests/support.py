@@ -122,5 +122,9 @@ class ProxyProcess:
                 self.process.kill()
                 self.process.wait()
 
+    async def astop(self) -> None:
+        """`stop()` off the event loop, so an in-process fake can answer the draining proxy."""
+        await asyncio.to_thread(self.stop)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

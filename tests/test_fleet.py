@@ -113,7 +113,7 @@ class Traffic:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Callable[..., Awaitable[list[ProxyProcess]]]]:
+async def fleet(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[list[ProxyProcess]]]]:
     """Start `serve` processes (in parallel, off the loop the fake runs on); stop them all."""
     started: list[ProxyProcess] = []
 
@@ -124,8 +124,7 @@ def fleet(tmp_path: Path) -> Iterator[Callable[..., Awaitable[list[ProxyProcess]
         return procs
 
     yield start
-    for proc in started:
-        proc.stop()
+    await asyncio.gather(*(proc.astop() for proc in started))
 
 
 def proxy_env(fake_url: str, redis_url: str, prefix: str, **overrides: str) -> dict[str, str]:
@@ -444,8 +443,7 @@ async def test_rotated_refresh_token_is_kept_across_refreshes_and_restarts(
         return all(g is not None and g >= first + by for g in held)
 
     await eventually(lambda: advanced(3), timeout=10)
-    for proc in procs:
-        proc.stop()
+    await asyncio.gather(*(proc.astop() for proc in procs))
     store = RedisStore.from_url(redis_url, prefix=key_prefix)
     stored = await store.load("default")
     await store.close()
@@ -513,7 +511,7 @@ async def test_invalid_grant_blocks_the_fleet_until_a_new_refresh_token_is_seede
     # Recovery: one replica restarts with a refresh token Cloudbeds accepts.
     state.reject_refresh = False
     state.add_refresh_token("fake-refresh-token-2")
-    procs[0].stop()
+    await procs[0].astop()
     (fresh,) = await fleet({**env, "CBPROXY_REFRESH_TOKEN": "fake-refresh-token-2"}, 1)
     fleet_now = [fresh, *procs[1:]]
     await all_ready(fleet_now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,11 +46,14 @@ async def upload_parts(boundary: str, digest: hashlib._Hash) -> AsyncIterator[by
 
 
 @pytest.fixture
-def proxy(fake_cloudbeds: tuple[FakeCloudbeds, str], tmp_path: Path) -> ProxyProcess:
+async def proxy(
+    fake_cloudbeds: tuple[FakeCloudbeds, str], tmp_path: Path
+) -> AsyncIterator[ProxyProcess]:
     _, url = fake_cloudbeds
-    process = ProxyProcess(fake_env(url), tmp_path / "proxy.log").start()
-    yield process  # type: ignore[misc]
-    process.stop()
+    process = ProxyProcess(fake_env(url), tmp_path / "proxy.log")
+    await asyncio.to_thread(process.start)
+    yield process
+    await process.astop()
 
 
 async def test_100mb_upload_streams_with_bounded_memory(

@@ -54,7 +54,7 @@ async def routed_proxy(fake_cloudbeds: Fake, tmp_path: Path) -> Any:
     await asyncio.to_thread(proc.start)
     await wait_ready(proc.url)
     yield proc
-    proc.stop()
+    await proc.astop()
 
 
 async def credential_sent(url: str, headers: dict[str, str]) -> str:

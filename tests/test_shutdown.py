@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
+async def processes() -> AsyncIterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
-    for process in started:
-        process.stop()
+    await asyncio.gather(*(process.astop() for process in started))
 
 
 async def refused(port: int, timeout: float = 5.0) -> None:
