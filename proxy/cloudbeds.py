@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 
 from proxy.errors import TokenEndpointUnavailable, TokenRejected
-from proxy.logs import register_secret
 
 _TRANSIENT_4XX = frozenset({408, 429})
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code")
@@ -127,10 +126,6 @@ async def send_token_request(
         raise TokenEndpointUnavailable(
             f"token endpoint unreachable ({type(exc).__name__})"
         ) from None
-    tokens = decode_token_response(
+    return decode_token_response(
         status, body, secrets=[form[k] for k in _SECRET_FIELDS if k in form]
     )
-    # Received tokens join the configured secrets that the log redaction masks.
-    register_secret(tokens.access_token)
-    register_secret(tokens.refresh_token)
-    return tokens

@@ -34,6 +34,7 @@ from proxy.errors import (
     TokenEndpointUnavailable,
     TokenRejected,
 )
+from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
 from proxy.store import TokenStore
@@ -195,6 +196,9 @@ class OAuthCredential:
         if not force and current is not None and record.generation <= current.generation:
             return False
         self.record = record
+        # Tokens from this process's refreshes and from other replicas alike: never logged.
+        register_secret(record.access_token)
+        register_secret(record.refresh_token)
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
         )

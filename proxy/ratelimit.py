@@ -405,7 +405,6 @@ class Limiter:
                 "ratelimit.fallback.local",
                 replicas=self._replicas,
                 error=type(exc).__name__,
-                detail=str(exc),
             )
 
     def _leave_fallback(self) -> None:

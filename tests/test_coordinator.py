@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import logs
 from proxy.clock import FakeClock
 from proxy.config import Settings
 from proxy.coordinator import OAuthCredential
@@ -474,3 +475,16 @@ async def test_status_never_shows_tokens(harness: Any) -> None:
     text = repr(credential.status())
     assert bearer(credential) not in text
     assert "fake-refresh-token" not in text
+
+
+async def test_tokens_adopted_from_another_replica_are_never_logged(harness: Any) -> None:
+    h = await harness()
+    credential = await h.started()
+    other = credential.record.successor(
+        access_token="token-from-another-replica", refresh_token="refresh-from-another-replica"
+    )
+    await h.store.put(NAME, other)
+    await credential.reload()
+    assert credential.record.generation == other.generation
+    text = logs._scrub("saw token-from-another-replica and refresh-from-another-replica")
+    assert "another-replica" not in text
