@@ -51,7 +51,6 @@ class Runtime:
     router: Router
     limiter: Limiter
     forwarder: Forwarder
-    store_ok: bool = True
     stop_deadline: float | None = None
     """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
@@ -156,8 +155,7 @@ async def _runtime(
     tasks: set[asyncio.Task[None]] = set()
     try:
         for credential in credentials.values():
-            if isinstance(credential, OAuthCredential):
-                await credential.start()
+            await credential.start()
             tasks.add(asyncio.create_task(credential.run(), name=f"refresh:{credential.name}"))
         if store.shared:
             tasks.add(asyncio.create_task(_follow_changes(runtime), name="changes"))
@@ -173,9 +171,7 @@ async def _runtime(
         # cancelled; either way its `finally` releases the lock before the store closes.
         now = asyncio.get_running_loop().time()
         left = (runtime.stop_deadline or now) - now
-        await asyncio.gather(
-            *(c.stop(left) for c in credentials.values() if isinstance(c, OAuthCredential))
-        )
+        await asyncio.gather(*(c.stop(left) for c in credentials.values()))
         await session.close()
         await store.close()
 
@@ -198,21 +194,22 @@ async def _follow_changes(runtime: Runtime) -> None:
 
 
 async def _poll(runtime: Runtime) -> None:
-    """The fallback for a missed publication, and the store health that readiness reports."""
+    """The fallback for a missed publication; logs when the store goes and comes back."""
+    store_ok = True
     while True:
         try:
             await runtime.store.ping()
             for credential in runtime.credentials.values():
                 await credential.reload()
         except StoreUnavailable:
-            if runtime.store_ok:
+            if store_ok:
                 log.warning("store.unavailable", action="serving tokens from memory")
             runtime.metrics.redis_errors.labels("poll").inc()
-            runtime.store_ok = False
+            store_ok = False
         else:
-            if not runtime.store_ok:
+            if not store_ok:
                 log.info("store.available")
-            runtime.store_ok = True
+            store_ok = True
         await asyncio.sleep(runtime.settings.poll_interval)
 
 

@@ -62,11 +62,17 @@ class Credential(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def start(self) -> None:
+        """Load (or seed) the credential's record before the first request."""
+
     async def run(self) -> None:
         """Background work until cancelled."""
 
     async def reload(self) -> None:
         """Re-read the store (a change was published, or the poll came round)."""
+
+    async def stop(self, timeout: float) -> None:
+        """At shutdown: finish or abandon work in flight within `timeout` seconds."""
 
 
 class ApiKeyCredential:
@@ -93,10 +99,16 @@ class ApiKeyCredential:
     def status(self) -> dict[str, Any]:
         return {"kind": Kind.API_KEY.value, "state": State.OK.value}
 
+    async def start(self) -> None:
+        return None
+
     async def run(self) -> None:
         await asyncio.Event().wait()
 
     async def reload(self) -> None:
+        return None
+
+    async def stop(self, timeout: float) -> None:
         return None
 
 

@@ -232,7 +232,7 @@ class Forwarder:
             async for chunk in upstream.content.iter_any():
                 exchange.bytes_sent += len(chunk)
                 await response.write(chunk)
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is gone already: cut the connection so the caller sees a
             # truncated answer rather than a complete-looking one.
             log.warning("upstream.body.broken", error=type(exc).__name__, credential=credential)
