@@ -48,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ProxyError as exc:
         print(f"cloudbeds-proxy: {exc.code}: {exc.message}", file=sys.stderr)
         code = 1
+    except OSError as exc:  # a port in use, a proxy that is not running
+        print(
+            f"cloudbeds-proxy: {exc.strerror or exc} (check CBPROXY_HOST and CBPROXY_PORT)",
+            file=sys.stderr,
+        )
+        code = 1
     sys.exit(code)
 
 
