@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 
+from proxy import logs
 from proxy.app import create_app
+from proxy.clock import FakeClock
 from proxy.config import Settings
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
+from tests.redis_server import RedisServer
 from tests.support import serve, wait_ready
 
 REDIS_URL = os.environ.get("CBPROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -73,3 +79,36 @@ async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     yield start
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+Clocked = tuple[FakeClock, FakeCloudbeds, str]
+
+
+@pytest.fixture
+async def clocked() -> AsyncIterator[Clocked]:
+    """A fake Cloudbeds on a fake clock that the proxy under test shares: (clock, state, url)."""
+    clock = FakeClock()
+    state = FakeCloudbeds(clock=clock)
+    runner, url = await serve(create_fake_app(state))
+    yield clock, state, url
+    await runner.cleanup()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port, free to stop, kill and restart."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """structlog and the stdlib root logger configured to a buffer, restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("json", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

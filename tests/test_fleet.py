@@ -14,7 +14,7 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,12 +290,6 @@ async def test_sigkilled_lock_holder_is_replaced_after_the_lock_ttl(
 
 
 # --- Redis goes away for longer than the leeway -------------------------------------------
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 async def stored_generation(url: str, prefix: str) -> int | None:

@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from proxy.app import create_app
 from proxy.clock import FakeClock
-from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
+from proxy.fake_cloudbeds import FakeCloudbeds
 from tests.redis_server import RedisServer
 from tests.support import serve, settings_for, wait_ready
 from tests.test_metrics import scrape
 
 HOTELS = "/api/v1.3/getHotels"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true and no redis-server on PATH")
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def clocked() -> AsyncIterator[tuple[FakeClock, FakeCloudbeds, str]]:
-    clock = FakeClock()
-    state = FakeCloudbeds(clock=clock)
-    runner, url = await serve(create_fake_app(state))
-    yield clock, state, url
-    await runner.cleanup()
 
 
 async def get(url: str, path: str) -> tuple[int, Any]:
@@ -69,11 +47,11 @@ async def test_healthz_is_liveness_only(fake_cloudbeds: Any, start_proxy: Any) -
 
 
 async def test_readiness_follows_redis(
-    fake_cloudbeds: Any, start_proxy: Any, redis_server: RedisServer
+    fake_cloudbeds: Any, start_proxy: Any, private_redis: RedisServer
 ) -> None:
     _, fake_url = fake_cloudbeds
     settings = settings_for(
-        fake_url, CBPROXY_REDIS_URL=redis_server.url, CBPROXY_POLL_INTERVAL="0.1"
+        fake_url, CBPROXY_REDIS_URL=private_redis.url, CBPROXY_POLL_INTERVAL="0.1"
     )
     proxy = await start_proxy(settings)
     status, body = await get(proxy, "/_proxy/readyz")
@@ -86,7 +64,7 @@ async def test_readiness_follows_redis(
         },
     }
 
-    redis_server.stop()
+    private_redis.stop()
     body = await until(proxy, "/_proxy/readyz", 503)
     assert body["ready"] is False
     assert body["checks"]["store"]["ok"] is False
@@ -100,19 +78,19 @@ async def test_readiness_follows_redis(
         assert asyncio.get_running_loop().time() < deadline, "no Redis error counted"
         await asyncio.sleep(0.05)
 
-    redis_server.start()
+    private_redis.start()
     body = await until(proxy, "/_proxy/readyz", 200)
     assert body["checks"]["store"] == {"ok": True, "detail": "reachable"}
 
 
 async def test_readiness_fails_on_rejection_and_recovers_with_a_new_refresh_token(
-    clocked: tuple[FakeClock, FakeCloudbeds, str], redis_server: RedisServer
+    clocked: tuple[FakeClock, FakeCloudbeds, str], private_redis: RedisServer
 ) -> None:
     clock, fake, fake_url = clocked
 
     async def start(refresh_token: str) -> tuple[web.AppRunner, str]:
         settings = settings_for(
-            fake_url, CBPROXY_REDIS_URL=redis_server.url, CBPROXY_REFRESH_TOKEN=refresh_token
+            fake_url, CBPROXY_REDIS_URL=private_redis.url, CBPROXY_REFRESH_TOKEN=refresh_token
         )
         return await serve(create_app(settings, clock=clock))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,19 +23,6 @@ def run(**event: Any) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _secret() -> None:
     register_secret(SECRET)
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    """structlog and the stdlib root logger configured to a buffer, restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("json", stream=stream)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +101,7 @@ def test_short_values_are_not_registered() -> None:
     assert run(event="abc")["event"] == "abc"
 
 
-def test_configured_json_logs_are_redacted_end_to_end(captured: io.StringIO) -> None:
+def test_configured_json_logs_are_redacted_end_to_end(captured_logs: io.StringIO) -> None:
     log = structlog.get_logger("test")
     structlog.contextvars.bind_contextvars(request_id="rid-1")
     try:
@@ -128,7 +114,7 @@ def test_configured_json_logs_are_redacted_end_to_end(captured: io.StringIO) -> 
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
     logging.getLogger("aiohttp.server").error("library says %s", SECRET)
-    lines = captured.getvalue().splitlines()
+    lines = captured_logs.getvalue().splitlines()
     assert len(lines) == 4
     events = [json.loads(line) for line in lines]
     assert [e["event"] for e in events[:3]] == ["token.refresh.ok", "request.crashed", "odd"]
@@ -141,7 +127,7 @@ def test_configured_json_logs_are_redacted_end_to_end(captured: io.StringIO) -> 
         assert "caller-token-9" not in line
 
 
-def test_console_format_is_redacted_too(captured: io.StringIO) -> None:
+def test_console_format_is_redacted_too(captured_logs: io.StringIO) -> None:
     stream = io.StringIO()
     logs.configure("console", stream=stream)
     structlog.get_logger("test").info("hello", refresh_token=SECRET, text=f"x {SECRET}")

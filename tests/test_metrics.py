@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.clock import FakeClock
-from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.store import MemoryStore
 from tests.support import serve, settings_for, wait_ready
 
@@ -73,17 +72,7 @@ async def get(url: str, path: str = HOTELS) -> tuple[int, dict[str, Any]]:
         return response.status, await response.json()
 
 
-Clocked = tuple[FakeClock, FakeCloudbeds, str]
-
-
-@pytest.fixture
-async def clocked() -> AsyncIterator[Clocked]:
-    """A fake Cloudbeds on the fake clock the proxy will share."""
-    clock = FakeClock()
-    state = FakeCloudbeds(clock=clock)
-    runner, url = await serve(create_fake_app(state))
-    yield clock, state, url
-    await runner.cleanup()
+from tests.conftest import Clocked  # noqa: E402
 
 
 @pytest.fixture

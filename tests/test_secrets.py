@@ -8,15 +8,10 @@ token is most likely to slip out (refresh, 401 replay, a rejected refresh token,
 from __future__ import annotations
 
 import io
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
-import structlog
 
-from proxy import logs
 from proxy.clock import FakeClock
 from proxy.fake_cloudbeds import FakeCloudbeds
 from tests.support import free_port, settings_for
@@ -24,18 +19,6 @@ from tests.support import free_port, settings_for
 Fake = tuple[FakeCloudbeds, str]
 CALLER_AUTHORIZATION = "Bearer caller-own-token-0123456789"
 CALLER_API_KEY = "cbat_callerOwnKey0123456789"
-
-
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("json", stream=stream)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 class Transcript:
@@ -54,7 +37,7 @@ class Transcript:
 
 
 async def test_no_secret_in_logs_errors_metrics_or_status(
-    captured: io.StringIO, fake_cloudbeds: Fake, start_proxy: Any
+    captured_logs: io.StringIO, fake_cloudbeds: Fake, start_proxy: Any
 ) -> None:
     state, fake_url = fake_cloudbeds
     clock = FakeClock()
@@ -109,7 +92,7 @@ async def test_no_secret_in_logs_errors_metrics_or_status(
     remember()
     issued.update(state._access_tokens)  # every token ever minted, revoked ones included
 
-    log_lines = captured.getvalue().splitlines()
+    log_lines = captured_logs.getvalue().splitlines()
     assert any('"event": "request"' in line for line in log_lines)
     assert any("token.refresh.rejected" in line for line in log_lines)
     secrets = {

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +17,6 @@ from tests.support import ProxyProcess, fake_env, wait_ready
 
 pytestmark = pytest.mark.slow
 HOTELS = "/api/v1.3/getHotels"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true and no redis-server on PATH")
-        pytest.skip("redis-server is not installed")
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -105,7 +93,7 @@ async def test_sigterm_releases_the_refresh_lock_at_once(
     fake_cloudbeds: Any,
     tmp_path: Path,
     processes: list[ProxyProcess],
-    redis_server: RedisServer,
+    private_redis: RedisServer,
     key_prefix: str,
     grace: str,
     saved: bool,
@@ -114,7 +102,7 @@ async def test_sigterm_releases_the_refresh_lock_at_once(
     fake.token_delay = 3.0  # the start-up refresh holds the lock this long
     env = {
         **fake_env(fake_url),
-        "CBPROXY_REDIS_URL": redis_server.url,
+        "CBPROXY_REDIS_URL": private_redis.url,
         "CBPROXY_REDIS_PREFIX": key_prefix,
         "CBPROXY_SHUTDOWN_GRACE": grace,
         "CBPROXY_LOCK_TTL": "60",
@@ -122,7 +110,7 @@ async def test_sigterm_releases_the_refresh_lock_at_once(
     lock_key = f"{key_prefix}:{{cred:default}}:lock"
     proxy = ProxyProcess(env, tmp_path / "proxy.log")
     processes.append(proxy)
-    client = aioredis.Redis.from_url(redis_server.url)
+    client = aioredis.Redis.from_url(private_redis.url)
     try:
         await asyncio.to_thread(proxy.start)
         await _lock_key_appears(client, lock_key)

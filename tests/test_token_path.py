@@ -7,26 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
-from proxy.clock import FakeClock
-from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
-from tests.support import serve, settings_for
-
-
-@pytest.fixture
-async def clocked_fake() -> AsyncIterator[tuple[FakeCloudbeds, str, FakeClock]]:
-    clock = FakeClock()
-    state = FakeCloudbeds(clock=clock, expires_in=3600)
-    runner, url = await serve(create_fake_app(state))
-    yield state, url, clock
-    await runner.cleanup()
+from tests.conftest import Clocked
+from tests.support import settings_for
 
 
 async def test_concurrent_requests_at_expiry_cause_one_refresh(
-    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+    clocked: Clocked, start_proxy: Any
 ) -> None:
-    state, url, clock = clocked_fake
+    clock, state, url = clocked
     proxy = await start_proxy(settings_for(url), clock=clock)
     assert state.token_calls["refresh_token"] == 1
     clock.advance(3600)  # every token is now expired, for the proxy and the fake alike
@@ -43,10 +32,8 @@ async def test_concurrent_requests_at_expiry_cause_one_refresh(
     assert state.expired_token_calls == 0
 
 
-async def test_expired_token_is_never_sent(
-    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
-) -> None:
-    state, url, clock = clocked_fake
+async def test_expired_token_is_never_sent(clocked: Clocked, start_proxy: Any) -> None:
+    clock, state, url = clocked
     proxy = await start_proxy(settings_for(url, CBPROXY_WAIT_FOR_TOKEN="0.5"), clock=clock)
     state.token_failures = 10_000
     clock.advance(3601)
@@ -62,9 +49,9 @@ async def test_expired_token_is_never_sent(
 
 
 async def test_401_refreshes_once_and_replays_a_buffered_body(
-    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
+    clocked: Clocked, start_proxy: Any
 ) -> None:
-    state, url, clock = clocked_fake
+    clock, state, url = clocked
     proxy = await start_proxy(settings_for(url), clock=clock)
     clock.advance(60)  # past the minimum interval between forced refreshes
     state.revoke_all()
@@ -81,10 +68,8 @@ async def test_401_refreshes_once_and_replays_a_buffered_body(
     assert state.token_calls["refresh_token"] == 2  # start-up plus exactly one after the 401s
 
 
-async def test_401_with_streamed_body_is_not_replayed(
-    clocked_fake: tuple[FakeCloudbeds, str, FakeClock], start_proxy: Any
-) -> None:
-    state, url, clock = clocked_fake
+async def test_401_with_streamed_body_is_not_replayed(clocked: Clocked, start_proxy: Any) -> None:
+    clock, state, url = clocked
     proxy = await start_proxy(settings_for(url, CBPROXY_REPLAY_BODY_BYTES="10"), clock=clock)
     clock.advance(60)
     state.revoke_all()
