@@ -25,6 +25,7 @@ from proxy.clock import system_clock
 from proxy.config import (
     DEFAULT_CREDENTIAL,
     ConfigError,
+    CredentialSettings,
     Kind,
     Settings,
     load_settings,
@@ -35,7 +36,6 @@ from proxy.endpoints import authorize_url, exchange_code
 from proxy.errors import ProxyError, StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.metrics import Metrics
-from proxy.store import TokenStore
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,12 +181,14 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _oauth_settings(settings: Settings, name: str) -> Any:
+def _oauth_settings(
+    settings: Settings, name: str, *, authorising: bool = True
+) -> CredentialSettings:
     cred = settings.credential(name)
     if cred is None or cred.kind is not Kind.OAUTH:
         names = [c.name for c in settings.credentials if c.kind is Kind.OAUTH]
         raise ConfigError(f"--credential: no OAuth credential {name!r}; have: {names or 'none'}")
-    if not cred.redirect_uri:
+    if authorising and not cred.redirect_uri:
         raise ConfigError("CBPROXY_REDIRECT_URI: required to authorise (the registered URI)")
     return cred
 
@@ -194,6 +196,8 @@ def _oauth_settings(settings: Settings, name: str) -> Any:
 def _auth_url(args: argparse.Namespace) -> int:
     settings = _settings(args)
     cred = _oauth_settings(settings, args.credential)
+    assert cred.client_id is not None  # an OAuth credential always has one (config checks)
+    assert cred.redirect_uri is not None  # checked by _oauth_settings
     print(authorize_url(settings.authorize_url, cred.client_id, cred.redirect_uri, ""))
     return 0
 
@@ -210,23 +214,23 @@ def _code_from(text: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _credential(
-    settings: Settings, name: str
-) -> AsyncIterator[tuple[OAuthCredential, aiohttp.ClientSession, TokenStore]]:
+    settings: Settings, name: str, *, authorising: bool
+) -> AsyncIterator[tuple[OAuthCredential, aiohttp.ClientSession]]:
+    """The credential as a replica sees it (same store, same lock), for one command."""
     if settings.redis_url is None:
         raise ConfigError(
             "CBPROXY_REDIS_URL: the command shares tokens with running proxies through Redis; "
             "without it use the running proxy's /_proxy/oauth/start and /_proxy/tokens"
         )
-    cred = _oauth_settings(settings, name) if name else None
+    cred = _oauth_settings(settings, name, authorising=authorising)
     store = make_store(settings)
     async with aiohttp.ClientSession() as session:
         try:
-            assert cred is not None
             credential = OAuthCredential(
                 cred, settings, store=store, session=session, metrics=Metrics(), clock=system_clock
             )
             await credential.start()
-            yield credential, session, store
+            yield credential, session
         finally:
             await store.close()
 
@@ -234,7 +238,7 @@ async def _credential(
 async def _auth_exchange(args: argparse.Namespace) -> int:
     settings = _settings(args)
     code = _code_from(args.code)
-    async with _credential(settings, args.credential) as (credential, session, _):
+    async with _credential(settings, args.credential, authorising=True) as (credential, session):
         record = await exchange_code(session, settings, credential, code)
     print(
         f"authorised {credential.name}: generation {record.generation}, "
@@ -276,7 +280,7 @@ async def _token_status(args: argparse.Namespace) -> int:
 
 async def _token_refresh(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    async with _credential(settings, args.name) as (credential, _, __):
+    async with _credential(settings, args.name, authorising=False) as (credential, _):
         record = await credential.refresh_now()
     status = credential.status()
     print(json.dumps({"credential": credential.name, **status}, indent=2))

@@ -175,7 +175,8 @@ async def test_auth_exchange_and_token_commands_share_tokens_through_redis(
     assert_no_secret(out, state)
     generation = status["generation"]
 
-    code, out = await run_cli(env, "token", "refresh")
+    # A refresh needs no redirect URI (only authorising does).
+    code, out = await run_cli({**env, "CBPROXY_REDIRECT_URI": ""}, "token", "refresh")
     assert code == 0, out
     assert state.token_calls["refresh_token"] == 1
     assert_no_secret(out, state)
