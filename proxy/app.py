@@ -21,7 +21,8 @@ from aiohttp import web
 from proxy import endpoints
 from proxy.clock import Clock, system_clock
 from proxy.config import Kind, Settings
-from proxy.coordinator import ApiKeyCredential, Credential, OAuthCredential
+from proxy.coordinator import OAuthCredential
+from proxy.credentials import ApiKeyCredential, Credential
 from proxy.crypto import TokenCipher
 from proxy.errors import ProxyError, StoreUnavailable
 from proxy.forwarding import EXCHANGE, Exchange, Forwarder, Router, error_body

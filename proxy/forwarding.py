@@ -21,7 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import DEFAULT_CREDENTIAL, Settings
-from proxy.coordinator import Credential
+from proxy.credentials import Credential
 from proxy.errors import (
     BodyTooLarge,
     ProxyError,
