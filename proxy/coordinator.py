@@ -339,9 +339,9 @@ class OAuthCredential:
             return  # another replica refreshed while we waited for the lock
         if record.state is State.REAUTHORIZATION_REQUIRED:
             return
-        await self._call_token_endpoint(record)
+        await self._call_token_endpoint(record, forced=not due)
 
-    async def _call_token_endpoint(self, record: TokenRecord) -> None:
+    async def _call_token_endpoint(self, record: TokenRecord, *, forced: bool) -> None:
         assert record.refresh_token is not None
         settings = self.settings
         assert settings.client_id is not None
@@ -375,6 +375,7 @@ class OAuthCredential:
             expires_in=response.expires_in,
             refresh_token=response.refresh_token,
             properties=response.properties,
+            forced=forced,
         )
         self._metrics.refreshes.labels(self.name, "ok").inc()
         self.last_error = None

@@ -10,7 +10,10 @@ Rules (DESIGN.md, "The token lifecycle"):
 - After a transient failure, the next try waits a capped exponential backoff with jitter.
 - A forced refresh (after a 401) is allowed only while the rejected token is the current
   one and the last refresh is older than `min_forced_interval`: a storm of 401s makes one
-  refresh, never one per request.
+  refresh, never one per request. A token that a forced refresh produced is not forced
+  again before `forced_again_after`: a 401 that a new token did not cure is not about the
+  token's age (a property the token does not cover, a revoked app), and refreshing every
+  few seconds for it would be the refresh storm Cloudbeds suspends credentials for.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class RefreshPolicy:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     min_forced_interval: float = 5.0
+    forced_again_after: float = 900.0
 
 
 def refresh_time(record: TokenRecord, policy: RefreshPolicy, jitter: float) -> float:
@@ -72,12 +76,15 @@ def decide(
 
 
 def may_force(record: TokenRecord | None, now: float, policy: RefreshPolicy) -> bool:
-    """After a 401 to `record`'s token: refresh unless it is blocked or brand new."""
+    """After a 401 to `record`'s token: refresh unless it is blocked or too new."""
     if record is None or record.refresh_token is None:
         return False
     if record.state is State.REAUTHORIZATION_REQUIRED:
         return False
-    return now - (record.refreshed_at or 0.0) >= policy.min_forced_interval
+    age = now - (record.refreshed_at or 0.0)
+    if record.forced and age < policy.forced_again_after:
+        return False
+    return age >= policy.min_forced_interval
 
 
 def backoff(attempt: int, policy: RefreshPolicy, jitter: float) -> float:
@@ -94,6 +101,7 @@ def refreshed(
     expires_in: float,
     refresh_token: str | None,
     properties: tuple[str, ...],
+    forced: bool = False,
 ) -> TokenRecord:
     """The successor after a successful token call; a returned refresh token is kept."""
     return record.successor(
@@ -103,4 +111,5 @@ def refreshed(
         state=State.OK,
         refreshed_at=now,
         properties=properties or record.properties,
+        forced=forced,
     )

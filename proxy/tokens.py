@@ -33,6 +33,8 @@ class TokenRecord:
     refreshed_at: float | None = None
     properties: tuple[str, ...] = ()
     """Property ids the token covers, learned from the token response's `resources`."""
+    forced: bool = False
+    """The token came from a refresh forced by a 401 rather than by its age."""
 
     def usable(self, now: float) -> bool:
         """True when the access token may still be sent upstream."""
@@ -61,6 +63,7 @@ class TokenRecord:
             state=State(data.get("state", State.OK)),
             refreshed_at=data.get("refreshed_at"),
             properties=tuple(str(p) for p in data.get("properties", ())),
+            forced=bool(data.get("forced", False)),
         )
 
     def __repr__(self) -> str:

@@ -2,14 +2,21 @@
 
 It listens on a free port on 127.0.0.1, never on 6379 (the machine's shared Redis),
 persists nothing, and keeps its port across restarts so clients can reconnect.
+Optionally it speaks only TLS (`tls=TLSFiles(...)`) or is a cluster node
+(`cluster_dir=`), and `RedisSentinel` runs `redis-server <config> --sentinel`
+watching one of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_PORT = 6379
 
@@ -23,32 +30,101 @@ def _free_port() -> int:
     return port
 
 
-def _answers_ping(port: int) -> bool:
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS-only server: its certificate and key, and the CA that signed it."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _answers_ping(port: int, tls: TLSFiles | None = None) -> bool:
     """True once the server replies to PING (+PONG, or -NOAUTH under requirepass)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16)[:1] in (b"+", b"-")
-    except OSError:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as raw:
+            if tls is None:
+                return _ping(raw)
+            context = ssl.create_default_context(cafile=str(tls.ca))
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                return _ping(sock)
+    except OSError:  # ssl.SSLError included
         return False
+
+
+def _ping(sock: socket.socket) -> bool:
+    sock.sendall(b"PING\r\n")
+    return sock.recv(16)[:1] in (b"+", b"-")
 
 
 class RedisServer:
     """`start()`, `stop()` (SIGTERM), `kill()` (SIGKILL), `restart()` on the same port."""
 
-    def __init__(self, *, password: str | None = None, executable: str = "redis-server") -> None:
+    name = "redis-server"
+
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        executable: str = "redis-server",
+        tls: TLSFiles | None = None,
+        cluster_dir: Path | None = None,
+    ) -> None:
         found = shutil.which(executable)
         if found is None:
             raise RuntimeError(f"{executable} not found on PATH")
         self.executable = found
         self.password = password
+        self.tls = tls
+        self.cluster_dir = cluster_dir
+        """With it, a cluster-enabled node (no slots yet) keeping nodes.conf there."""
         self.port = _free_port()
+        # Redis puts the cluster bus on port + 10000 unless told, past 65535 for high ports.
+        self.cluster_port = _free_port() if cluster_dir is not None else None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        """redis:// (or, with TLS, rediss:// with the CA as `ssl_ca_certs`) and the password."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        ca = quote(str(self.tls.ca), safe="")
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
+
+    def _args(self) -> list[str]:
+        """The command line: plain TCP on `port`, or (with TLS) TLS on it and no TCP port."""
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        args = [
+            self.executable,
+            *ports,
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.cluster_dir is not None:
+            args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{self.port}.conf",
+                "--cluster-port", str(self.cluster_port),
+                "--dir", str(self.cluster_dir),
+            ]  # fmt: skip
+            if self.tls is not None:
+                args += ["--tls-cluster", "yes"]
+        return args
 
     @property
     def running(self) -> bool:
@@ -58,28 +134,20 @@ class RedisServer:
         """Start the server and return once it answers PING."""
         if self.running:
             return
-        args = [
-            self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        if self.password:
-            args += ["--requirepass", self.password]
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
-        while not _answers_ping(self.port):
+        while not _answers_ping(self.port, self.tls):
             if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start (port {self.port} taken?)")
+                raise RuntimeError(f"{self.name} exited at start (port {self.port} taken?)")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+                raise RuntimeError(f"{self.name} on port {self.port} did not answer PING")
             time.sleep(0.02)
         if self._process.poll() is not None:  # someone else answered on our port
             self._process = None
-            raise RuntimeError(f"redis-server could not bind port {self.port}")
+            raise RuntimeError(f"{self.name} could not bind port {self.port}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait: a clean shutdown."""
@@ -114,3 +182,50 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class RedisSentinel(RedisServer):
+    """`redis-server <config> --sentinel` monitoring `master` as `service` (quorum 1).
+
+    The config file lives in `directory` (Sentinel rewrites it as it learns). Plain TCP
+    only; the master's password, if any, becomes `sentinel auth-pass`.
+    """
+
+    name = "redis-sentinel"
+
+    def __init__(
+        self,
+        master: RedisServer,
+        directory: Path,
+        *,
+        service: str = "mymaster",
+        executable: str = "redis-server",
+    ) -> None:
+        if master.tls is not None:
+            raise ValueError("RedisSentinel watches plain-TCP masters only")
+        super().__init__(executable=executable)
+        self.master = master
+        self.service = service
+        self.config = directory / f"sentinel-{self.port}.conf"
+
+    @property
+    def url(self) -> str:
+        """The proxy's redis+sentinel:// URL, carrying the master's password if it has one."""
+        password = self.master.password
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.port}/{self.service}/0"
+
+    def _args(self) -> list[str]:
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            "daemonize no",
+            f"dir {self.config.parent}",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1",
+            f"sentinel down-after-milliseconds {self.service} 5000",
+            f"sentinel failover-timeout {self.service} 60000",
+        ]
+        if self.master.password:
+            lines.append(f"sentinel auth-pass {self.service} {self.master.password}")
+        self.config.write_text("\n".join(lines) + "\n")
+        return [self.executable, str(self.config), "--sentinel"]

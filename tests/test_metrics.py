@@ -126,7 +126,7 @@ async def test_values_move_as_tokens_are_refreshed_failed_and_rejected(
     assert fake.token_calls["refresh_token"] == 2
 
     # transient: the token endpoint answers 500; the caller gets Cloudbeds' 401.
-    clock.advance(10)  # forced refreshes are at least 5 s apart
+    clock.advance(901)  # a token from a forced refresh is forced again only after 15 minutes
     fake.revoke_all()
     fake.token_failures = 1
     assert (await get(proxy))[0] == 401

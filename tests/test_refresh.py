@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -154,3 +155,11 @@ def test_refreshed_takes_a_returned_refresh_token_and_properties() -> None:
     same = refreshed(old, NOW, access_token="a3", expires_in=1, refresh_token="", properties=())
     assert same.refresh_token == "r-old"
     assert same.properties == ("1",)
+
+
+def test_a_forced_token_is_not_forced_again_before_forced_again_after() -> None:
+    forced = dataclasses.replace(token(age=60), forced=True)
+    assert not may_force(forced, NOW, POLICY)
+    older = dataclasses.replace(token(age=POLICY.forced_again_after), forced=True)
+    assert may_force(older, NOW, POLICY)
+    assert may_force(token(age=60), NOW, POLICY)

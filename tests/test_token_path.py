@@ -86,3 +86,31 @@ async def test_401_with_streamed_body_is_not_replayed(clocked: Clocked, start_pr
         async with session.post(f"{proxy}/api/v1.3/fake/echo", data=body()) as response:
             assert response.status == 200
     assert state.token_calls["refresh_token"] == 2
+
+
+async def test_a_401_that_a_new_token_does_not_cure_causes_no_refresh_storm(
+    clocked: Clocked, start_proxy: Any
+) -> None:
+    clock, state, url = clocked
+    proxy = await start_proxy(settings_for(url), clock=clock)
+    async with aiohttp.ClientSession() as session:
+
+        async def status() -> int:
+            async with session.get(f"{proxy}/api/v1.3/getHotels") as response:
+                return response.status
+
+        clock.advance(60)
+        state.revoke_all()
+        assert await status() == 200  # one forced refresh cured it
+        assert state.token_calls["refresh_token"] == 2
+        # Cloudbeds keeps refusing (a revoked app, a property the token does not cover):
+        # the forced token is not forced again, every 5 s or on every request.
+        for _ in range(10):
+            clock.advance(60)
+            state.revoke_all()
+            assert await status() == 401
+        assert state.token_calls["refresh_token"] == 2
+        clock.advance(900)
+        state.revoke_all()
+        assert await status() == 200
+        assert state.token_calls["refresh_token"] == 3
