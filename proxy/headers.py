@@ -9,8 +9,10 @@ Rules:
 - Hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and what it lists, `Keep-Alive`,
   `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) are dropped both ways.
 - Upstream, `Host` is the upstream's, the caller's `Authorization` and `x-api-key` are
-  replaced by the credential, `X-Cloudbeds-Credential` (addressed to the proxy) is
-  dropped, and an `X-Request-ID` is added when the caller sent none. Nothing else changes.
+  replaced by the credential, `X-Cloudbeds-Credential` (addressed to the proxy) and
+  `Expect` (the proxy already answered it; forwarded, the client would wait for a
+  `100 Continue` that may never come) are dropped, and `X-Request-ID` carries the
+  request's id: the caller's, or a new one when it sent none or an unusable one.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ HOP_BY_HOP = frozenset(
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
 REQUEST_ID = "X-Request-ID"
-_DROPPED_UPSTREAM = CREDENTIAL_HEADERS | {"host", CREDENTIAL_SELECTOR.lower()}
-_RAW_CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+_DROPPED_UPSTREAM = CREDENTIAL_HEADERS | {"host", "expect", CREDENTIAL_SELECTOR.lower()}
+# `#`: a fragment never reaches a server, so a client did not send it; yarl would cut it
+# off after the checks below, hiding what follows it (`/access_token#`).
+_RAW_CONTROL = re.compile(r"[\x00-\x20\x7f\\#]")
 _ENCODED_CONTROL = re.compile(r"%(?:[01][0-9a-f]|7f|5c)", re.IGNORECASE)
 _MINTING_SEGMENTS = frozenset({"access_token", "oauth"})
 
@@ -48,7 +52,9 @@ def check_target(method: str, raw_target: str) -> None:
     # Raw, they are never valid in a target; encoded, they are data in a query (a note
     # with a line break) but never part of a path.
     if _RAW_CONTROL.search(raw_target) or _ENCODED_CONTROL.search(path):
-        raise ForbiddenTarget("the request target holds a control character or a backslash")
+        raise ForbiddenTarget(
+            "the request target holds a control character, a backslash or a '#'"
+        )
     # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
     segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
     if any(s in (".", "..") for s in segments):
@@ -85,8 +91,7 @@ def upstream_headers(
         if not _is_hop_by_hop(name, dropped) and name.lower() not in _DROPPED_UPSTREAM:
             out.add(name, value)
     out[credential[0]] = credential[1]
-    if REQUEST_ID not in out:
-        out[REQUEST_ID] = request_id
+    out[REQUEST_ID] = request_id
     return out
 
 
@@ -101,6 +106,15 @@ def downstream_headers(raw: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return out
 
 
+def _text(value: bytes) -> str:
+    # aiohttp writes header text as UTF-8, so UTF-8 bytes survive the round trip;
+    # anything else is at least kept byte-shaped as latin-1.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """aiohttp's raw headers as text, case and order kept (HTTP header bytes are latin-1)."""
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+    """aiohttp's raw headers as text, case and order kept, bytes unchanged on the way out."""
+    return [(_text(k), _text(v)) for k, v in raw]

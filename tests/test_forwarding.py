@@ -333,3 +333,51 @@ async def test_large_streamed_answer_passes_intact(fake_cloudbeds: Fake, start_p
 
     assert received == size
     assert digest.hexdigest() == hashlib.sha256(large_body(size)).hexdigest()
+
+
+async def test_expect_100_continue_upload_is_answered_not_hung(
+    fake_cloudbeds: Fake, start_proxy: Any
+) -> None:
+    _, fake_url = fake_cloudbeds
+    proxy = await start_proxy(settings_for(fake_url, CBPROXY_READ_TIMEOUT="5"))
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(10):
+            seen = await echo(
+                session,
+                f"{proxy}/api/v1.3/fake/echo",
+                method="POST",
+                data=b"z" * 5000,
+                headers={"Expect": "100-continue"},
+                expect100=True,
+            )
+    assert seen["body_length"] == 5000
+    assert "expect" not in {name.lower() for name, _ in seen["headers"]}
+
+
+async def test_non_ascii_header_bytes_pass_unchanged_both_ways(
+    fake_cloudbeds: Fake, start_proxy: Any
+) -> None:
+    _, fake_url = fake_cloudbeds
+    proxy = await start_proxy(settings_for(fake_url))
+    answer = await raw_request(
+        proxy,
+        "GET /api/v1.3/fake/echo HTTP/1.1\r\nHost: x\r\nX-Guest: Zoë Müller\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    # The echo reports header bytes as latin-1 text: compare the bytes themselves.
+    (guest,) = [value for name, value in body["headers"] if name == "X-Guest"]
+    assert guest.encode("latin-1") == "Zoë Müller".encode()
+
+
+async def test_invalid_caller_request_id_is_replaced_upstream_and_in_logs(
+    fake_cloudbeds: Fake, start_proxy: Any
+) -> None:
+    state, fake_url = fake_cloudbeds
+    proxy = await start_proxy(settings_for(fake_url))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{proxy}/api/v1.3/getHotels", headers={"X-Request-ID": "y" * 300}
+        ) as response:
+            assert response.status == 200
+    assert len(state.incoming_request_ids[-1]) == 32

@@ -173,10 +173,23 @@ def test_upstream_keeps_order_case_and_duplicates_of_the_rest() -> None:
     assert out.getall("X-DUP") == ["1", "2", "3"]
 
 
-def test_request_id_added_only_when_absent() -> None:
+def test_request_id_is_the_requests_own() -> None:
+    # The app passes the caller's id when it is usable, a new one otherwise.
     assert upstream_headers([], CREDENTIAL, "generated")["X-Request-ID"] == "generated"
-    out = upstream_headers([("x-request-id", "caller-id")], CREDENTIAL, "generated")
-    assert out.getall("X-Request-ID") == ["caller-id"]
+    out = upstream_headers([("x-request-id", "x" * 500)], CREDENTIAL, "generated")
+    assert out.getall("X-Request-ID") == ["generated"]
+
+
+def test_expect_is_not_forwarded() -> None:
+    out = upstream_headers([("Expect", "100-continue"), ("X-A", "1")], CREDENTIAL, "rid")
+    assert "Expect" not in out
+    assert out["X-A"] == "1"
+
+
+def test_fragment_marker_is_refused() -> None:
+    for target in ("/api/v1.3/access_token#", "/api/v1.3/oauth#x?client_id=1", "/a?b=1#c"):
+        with pytest.raises(ForbiddenTarget):
+            check_target("POST", target)
 
 
 def test_upstream_headers_are_a_fresh_copy() -> None:
@@ -215,3 +228,14 @@ def test_downstream_drops_hop_by_hop_and_keeps_the_rest_in_order() -> None:
 def test_decode_raw_keeps_case_order_and_latin1() -> None:
     raw = [(b"X-Name", b"caf\xe9"), (b"x-name", b"2")]
     assert decode_raw(raw) == [("X-Name", "café"), ("x-name", "2")]
+
+
+def test_decode_raw_keeps_utf8_and_latin1_bytes() -> None:
+    raw = [
+        (b"Content-Disposition", 'attachment; filename="Müller.pdf"'.encode()),
+        (b"X-L", b"\xe9"),
+    ]
+    assert decode_raw(raw) == [
+        ("Content-Disposition", 'attachment; filename="Müller.pdf"'),
+        ("X-L", "é"),
+    ]
