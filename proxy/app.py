@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import dataclasses
 import os
 import socket
@@ -139,7 +140,11 @@ async def _runtime(
                 session=session,
                 metrics=metrics,
                 clock=clock,
-                gate=limiter.admit,
+                # A refresh counts against the budget but must not lose to a flood of
+                # requests: it may wait for its slot as long as its lock outlives the call.
+                gate=functools.partial(
+                    limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
+                ),
             )
     router = Router(credentials)
     runtime = Runtime(

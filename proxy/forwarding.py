@@ -127,6 +127,9 @@ class Forwarder:
         credential = self._router.pick(request.headers)
         request[EXCHANGE].credential = credential.name
         body = await self._body(request)
+        # A slot is taken only once a token exists (a request that would get a 503 spends
+        # none of the budget a refresh needs); the token is read again after the wait.
+        await credential.header()
         await self._limiter.admit(credential.name)
         header = await credential.header()
         upstream = await self._send(request, credential, header, body)

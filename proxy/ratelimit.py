@@ -228,14 +228,17 @@ class Limiter:
             self._pause_script = redis.register_script(_PAUSE_LUA)
             self._heartbeat_script = redis.register_script(_HEARTBEAT_LUA)
 
-    async def admit(self, credential: str) -> float:
+    async def admit(self, credential: str, *, max_wait: float | None = None) -> float:
         """Wait for the credential's next slot; return the seconds waited.
 
-        Raises `RateLimited` when the wait would exceed `max_wait` or the queue is full.
+        Raises `RateLimited` when the wait would exceed `max_wait` (the limit's, unless
+        given: a token refresh may wait longer than a request) or the queue is full.
         """
         limit = self._limit(credential)
         if limit.off:
             return 0.0
+        if max_wait is not None:
+            limit = dataclasses.replace(limit, max_wait=max_wait, max_queue=limit.max_queue + 1)
         full = check_queue(limit, self._waiting[credential])
         if full is not None:
             raise self._refused(credential, limit, full)

@@ -533,3 +533,13 @@ async def test_no_redis_at_all_uses_the_assumed_replica_count(key_prefix: str) -
         await client.aclose()
     assert waits == pytest.approx([0, 1 / 3, 1 / 3])  # 6/s over 2: 3/s, burst 1
     assert limiter.describe("a")["mode"] == "local-fallback"
+
+
+async def test_a_longer_max_wait_admits_what_the_default_refuses() -> None:
+    # A token refresh waits for its slot rather than losing to a flood of requests.
+    t = FakeTime()
+    limiter, _ = local_limiter(t, {"a": RateLimit(rate=5, burst=1, max_wait=0)})
+    await limiter.admit("a")
+    with pytest.raises(RateLimited):
+        await limiter.admit("a")
+    assert await limiter.admit("a", max_wait=1.0) == pytest.approx(0.2, abs=1e-5)
