@@ -75,7 +75,12 @@ def create_app(
     clock: Clock = system_clock,
     metrics: Metrics | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=1024**2)
+    # Bodies up to replay_body_bytes are read whole (to replay them after a 401); the rest
+    # stream and are limited by max_body_bytes in the forwarder.
+    app = web.Application(
+        middlewares=[request_middleware],
+        client_max_size=max(settings.replay_body_bytes, 1024**2),
+    )
     app[SETTINGS] = settings
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
     app.router.add_route("*", "/_proxy/readyz", endpoints.readyz)
@@ -109,9 +114,8 @@ async def _runtime(
     settings: Settings, store: TokenStore, clock: Clock, metrics: Metrics | None
 ) -> AsyncIterator[Runtime]:
     metrics = metrics or Metrics()
-    for cred in settings.credentials:
-        for secret in (cred.client_secret, cred.refresh_token, cred.api_key):
-            register_secret(secret)
+    for secret in settings.secrets():
+        register_secret(secret, configured=True)
     connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     # The limiter's script needs one slot per credential: keys carry the store's hash tag.

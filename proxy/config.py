@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import redis.connection
+
 from proxy.crypto import TokenCipher
+from proxy.redis_store import parse_redis_url
 
 DEFAULT_CREDENTIAL = "default"
 PREFIX = "CBPROXY_"
@@ -74,6 +77,15 @@ class Settings:
     poll_interval: float = 10.0
     heartbeat_interval: float = 5.0
 
+    def secrets(self) -> list[str]:
+        """Every secret in the configuration, for the log redaction to know."""
+        found = [*self.encryption_keys]
+        if self.redis_url:
+            found.append(urlsplit(self.redis_url).password or "")
+        for cred in self.credentials:
+            found += [cred.client_secret or "", cred.refresh_token or "", cred.api_key or ""]
+        return [secret for secret in found if secret]
+
     def credential(self, name: str) -> CredentialSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
 
@@ -107,11 +119,21 @@ def _url(value: str) -> str:
 
 
 def _redis_url(value: str) -> str:
-    scheme = urlsplit(value).scheme
-    if scheme not in ("redis", "rediss", "redis+sentinel", "redis+cluster", "rediss+cluster"):
+    # Checked here, at start, with the parsers the store will use, so that a bad URL is
+    # one line naming the variable; their messages can quote the URL (and its password),
+    # so only our own words are shown.
+    try:
+        target = parse_redis_url(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("CBPROXY_REDIS_URL: ")) from None
+    try:
+        if target.url is not None:
+            redis.connection.parse_url(target.url)  # type: ignore[no-untyped-call]
+    except ValueError:
         raise ValueError(
-            "must start with redis://, rediss://, redis+sentinel:// or redis+cluster://"
-        )
+            "is not a valid Redis URL: check the host, port and database, and percent-encode "
+            "special characters in the password (/ is %2F, # is %23, @ is %40)"
+        ) from None
     return value
 
 

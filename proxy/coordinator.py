@@ -211,11 +211,17 @@ class OAuthCredential:
             properties=response.properties,
         )
         self.adopt(record)
-        await self._save(record)
-        log.info("token.authorized", credential=self.name, generation=record.generation)
-        return record
+        # A human just authorised: this grant wins over whatever a refresh wrote meanwhile.
+        await self._save(record, prevail=True)
+        installed = self.record or record  # one generation up if it had to be rewritten
+        log.info("token.authorized", credential=self.name, generation=installed.generation)
+        return installed
 
-    async def _save(self, record: TokenRecord, *, rebase: bool = True) -> None:
+    async def _save(
+        self, record: TokenRecord, *, rebase: bool = True, prevail: bool = False
+    ) -> None:
+        """Write `record`; if refused, adopt the stored one, or write once more on top of it
+        when `record` must win (a new grant over a refusal, or a human's authorisation)."""
         try:
             written = await self._store.put(self.name, record)
         except StoreUnavailable:
@@ -223,12 +229,13 @@ class OAuthCredential:
             self._unsaved = record
             log.warning("token.write.deferred", credential=self.name, generation=record.generation)
             return
-        self._unsaved = None
+        if self._unsaved is record:
+            self._unsaved = None  # only this record: a newer one may have failed meanwhile
         if not written:
             stored = None
             with contextlib.suppress(StoreUnavailable):
                 stored = await self._store.load(self.name)
-            if rebase and stored is not None and grant_outranks(record, stored):
+            if rebase and stored is not None and (prevail or grant_outranks(record, stored)):
                 # Written once more, one generation up; `rebase=False` bounds it to once.
                 rebased = dataclasses.replace(record, generation=stored.generation + 1)
                 log.warning(

@@ -119,8 +119,13 @@ class Forwarder:
         self._settings, self._session, self._router = settings, session, router
         self._limiter, self._metrics = limiter, metrics
         self._base = settings.upstream_url
+        # `connect` bounds the wait for a pooled connection too, so a full pool ends in a
+        # 504 rather than a queue without end.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+            total=None,
+            connect=settings.connect_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

@@ -34,18 +34,25 @@ _SECRET_KEYS = frozenset(
     }
 )
 _PATTERNS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|cbat_[A-Za-z0-9_\-]+")
-_known: deque[str] = deque(maxlen=64)
+_configured: set[str] = set()
+"""Secrets from the configuration: kept for the life of the process."""
+_received: deque[str] = deque(maxlen=64)
+"""Tokens as they arrive: the newest few, as older ones are expired and harmless."""
 
 
-def register_secret(value: str | None) -> None:
+def register_secret(value: str | None, *, configured: bool = False) -> None:
     """Remember a secret so that no log line ever shows it (short values are ignored)."""
-    if value and len(value) >= 6 and value not in _known:
-        _known.append(value)
+    if not value or len(value) < 6 or value in _configured or value in _received:
+        return
+    if configured:
+        _configured.add(value)
+    else:
+        _received.append(value)
 
 
 def _scrub(value: str) -> str:
     value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
-    for secret in _known:
+    for secret in (*_configured, *_received):
         if secret in value:
             value = value.replace(secret, REDACTED)
     return value

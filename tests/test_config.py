@@ -386,3 +386,15 @@ def test_serve_without_a_credential_exits_2_pointing_to_demo() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "cloudbeds-proxy demo" in lines[0]
+
+
+def test_a_malformed_redis_url_never_shows_its_password() -> None:
+    env = {
+        "CBPROXY_API_KEY": "cbat_x",
+        "CBPROXY_REDIS_URL": "redis://:s3cr/etPass@127.0.0.1:6379/0",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value).startswith("CBPROXY_REDIS_URL:")
+    assert "s3cr" not in str(info.value)
+    assert "etPass" not in str(info.value)

@@ -121,7 +121,8 @@ class Harness:
 
 async def settle(predicate: Callable[[], bool] | None = None) -> None:
     """Let the loop run until `predicate` holds, or for a few short turns without one."""
-    for _ in range(400 if predicate is not None else 20):
+    # A predicate gets up to 10 s of real time: generous for a loaded shared machine.
+    for _ in range(2000 if predicate is not None else 20):
         if predicate is not None and predicate():
             return
         await asyncio.sleep(0.005)
@@ -488,3 +489,26 @@ async def test_tokens_adopted_from_another_replica_are_never_logged(harness: Any
     assert credential.record.generation == other.generation
     text = logs._scrub("saw token-from-another-replica and refresh-from-another-replica")
     assert "another-replica" not in text
+
+
+async def test_an_authorisation_wins_over_a_refresh_written_meanwhile(harness: Any) -> None:
+    h = await harness()
+    credential = await h.started()
+    before = credential.record
+    # Another replica's refresh lands the generation this install is about to write.
+    await h.store.put(NAME, before.successor(access_token="from-another-replica"))
+    code = h.fake.issue_code()
+    from proxy import cloudbeds
+
+    assert h.session is not None
+    response = await cloudbeds.send_token_request(
+        h.session,
+        h.settings.token_url,
+        cloudbeds.code_form("fake-client-id", "fake-client-secret", h.fake.redirect_uri, code),
+        5,
+    )
+    installed = await credential.install(response)
+    stored = await h.store.load(NAME)
+    assert stored is not None
+    assert stored.access_token == response.access_token
+    assert installed.generation == stored.generation == before.generation + 2

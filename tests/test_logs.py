@@ -134,3 +134,34 @@ def test_console_format_is_redacted_too(captured_logs: io.StringIO) -> None:
     out = stream.getvalue()
     assert "hello" in out
     assert SECRET not in out
+
+
+def test_configured_secrets_outlive_any_number_of_received_tokens() -> None:
+    logs.register_secret("configured-client-secret", configured=True)
+    for n in range(200):
+        logs.register_secret(f"received-access-token-{n:04d}")
+    assert "configured-client-secret" not in logs._scrub("x configured-client-secret y")
+    assert "received-access-token-0199" not in logs._scrub("received-access-token-0199")
+
+
+def test_settings_name_every_configured_secret() -> None:
+    from cryptography.fernet import Fernet
+
+    from proxy.config import load_settings
+
+    key = Fernet.generate_key().decode()
+    settings = load_settings(
+        {
+            "CBPROXY_CLIENT_ID": "id",
+            "CBPROXY_CLIENT_SECRET": "the-client-secret",
+            "CBPROXY_REFRESH_TOKEN": "the-refresh-token",
+            "CBPROXY_REDIS_URL": "redis://:the-redis-password@127.0.0.1:6379/0",
+            "CBPROXY_ENCRYPTION_KEY": key,
+        }
+    )
+    assert set(settings.secrets()) == {
+        "the-client-secret",
+        "the-refresh-token",
+        "the-redis-password",
+        key,
+    }
