@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import dataclasses
+import functools
 import os
 import socket
 import uuid
@@ -313,4 +313,5 @@ def _access(request: web.Request, response: web.StreamResponse | None, duration:
         duration_ms=round(duration * 1000, 2),
         credential=exchange.credential,
         upstream_request_id=exchange.upstream_request_id,
+        cut_short=exchange.cut_short,
     )

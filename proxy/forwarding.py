@@ -23,6 +23,7 @@ from yarl import URL
 from proxy.config import DEFAULT_CREDENTIAL, Settings
 from proxy.credentials import Credential
 from proxy.errors import (
+    BadRequest,
     BodyTooLarge,
     ProxyError,
     UnknownCredential,
@@ -52,6 +53,8 @@ class Exchange:
     bytes_sent: int = 0
     not_replayed: bool = False
     response_started: bool = False
+    cut_short: str | None = None
+    """Who ended the exchange early: "caller" or "upstream"."""
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -92,10 +95,19 @@ class _BodyStream:
     """The caller's body as an async iterator that stops at the size limit."""
 
     def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
-        self.content, self.limit, self.seen, self.too_large = content, limit, 0, False
+        self.content, self.limit, self.seen = content, limit, 0
+        self.too_large = self.caller_gone = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.content.iter_chunked(_CHUNK):
+        chunks = self.content.iter_chunked(_CHUNK)
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except (ConnectionError, aiohttp.ClientPayloadError):
+                self.caller_gone = True
+                raise
             self.seen += len(chunk)
             if self.seen > self.limit:
                 self.too_large = True
@@ -187,6 +199,11 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             if isinstance(body, _BodyStream) and body.too_large:
                 raise BodyTooLarge(_too_large(body.limit)) from None
+            if isinstance(body, _BodyStream) and body.caller_gone:
+                request[EXCHANGE].cut_short = "caller"
+                raise BadRequest(
+                    "the request body ended before its end (the caller went away)"
+                ) from None
             raise UpstreamUnreachable(
                 f"could not reach Cloudbeds ({type(exc).__name__}); retry later", retry_after=5
             ) from None
@@ -236,18 +253,35 @@ class Forwarder:
             response.headers[NOT_REPLAYED] = "body-streamed"
         await response.prepare(request)
         exchange.response_started = True
-        try:
-            async for chunk in upstream.content.iter_any():
-                exchange.bytes_sent += len(chunk)
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is gone already: cut the connection so the caller sees
+                # a truncated answer rather than a complete-looking one.
+                log.warning("upstream.body.broken", error=type(exc).__name__, credential=credential)
+                return self._cut(request, response, "upstream")
+            try:
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # The status line is gone already: cut the connection so the caller sees a
-            # truncated answer rather than a complete-looking one.
-            log.warning("upstream.body.broken", error=type(exc).__name__, credential=credential)
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError("upstream body broken") from None
+            except ConnectionError:  # the caller went away; nothing is wrong upstream
+                return self._cut(request, response, "caller")
+            exchange.bytes_sent += len(chunk)
         await response.write_eof()
+        return response
+
+    @staticmethod
+    def _cut(request: web.Request, response: web.StreamResponse, by: str) -> web.StreamResponse:
+        """End an answer whose body cannot be completed: close the caller's connection.
+
+        aiohttp's final `write_eof` then meets a closed transport, which it takes quietly
+        as a caller that went away; the truncated body is never made to look complete.
+        """
+        request[EXCHANGE].cut_short = by
+        if request.transport is not None:
+            request.transport.close()
         return response
 
 

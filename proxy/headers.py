@@ -52,9 +52,7 @@ def check_target(method: str, raw_target: str) -> None:
     # Raw, they are never valid in a target; encoded, they are data in a query (a note
     # with a line break) but never part of a path.
     if _RAW_CONTROL.search(raw_target) or _ENCODED_CONTROL.search(path):
-        raise ForbiddenTarget(
-            "the request target holds a control character, a backslash or a '#'"
-        )
+        raise ForbiddenTarget("the request target holds a control character, a backslash or a '#'")
     # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
     segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
     if any(s in (".", "..") for s in segments):

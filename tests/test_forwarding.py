@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import io
 import json
 import socket
 from typing import Any
@@ -381,3 +382,29 @@ async def test_invalid_caller_request_id_is_replaced_upstream_and_in_logs(
         ) as response:
             assert response.status == 200
     assert len(state.incoming_request_ids[-1]) == 32
+
+
+async def test_caller_leaving_mid_download_is_logged_as_the_caller_quietly(
+    fake_cloudbeds: Fake, start_proxy: Any, captured_logs: io.StringIO
+) -> None:
+    _, fake_url = fake_cloudbeds
+    proxy = await start_proxy(settings_for(fake_url))
+    host, port = proxy.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/v1.3/fake/large?bytes=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await reader.readexactly(200_000)
+    writer.transport.abort()
+    lines: list[dict[str, Any]] = []
+    async with asyncio.timeout(5):
+        while not any(line.get("event") == "request" for line in lines):
+            await asyncio.sleep(0.05)
+            lines = [
+                json.loads(x) for x in captured_logs.getvalue().splitlines() if x.startswith("{")
+            ]
+    (access,) = [
+        line for line in lines if line.get("event") == "request" and "large" in line["path"]
+    ]
+    assert access["status"] == 200
+    assert access["cut_short"] == "caller"
+    assert not [line for line in lines if line.get("level") in ("error", "warning")]
