@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,15 +28,17 @@ async def processes() -> AsyncIterator[list[ProxyProcess]]:
 
 
 async def refused(port: int, timeout: float = 5.0) -> None:
-    """Poll until a new connection to `port` is refused."""
+    """Poll until a new connection to `port` is refused (or reset: one that reached the
+    backlog as the listener closed)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return
         writer.close()
-        await writer.wait_closed()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
         assert asyncio.get_running_loop().time() < deadline, "still accepting after SIGTERM"
         await asyncio.sleep(0.02)
 
