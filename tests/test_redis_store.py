@@ -39,6 +39,16 @@ def record(generation: int, *, access: str = ACCESS, refresh: str = REFRESH) -> 
     )
 
 
+def every_operation(store: RedisStore) -> list[Callable[[], Awaitable[object]]]:
+    """One call of each store operation that talks to Redis."""
+    return [
+        store.ping,
+        lambda: store.load("default"),
+        lambda: store.put("default", record(2)),
+        lambda: store.lock("default", 30).acquire(),
+    ]
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
     """Poll `check` until it holds; for effects that happen in another process."""
     async with asyncio.timeout(timeout):
@@ -296,13 +306,7 @@ async def test_connection_errors_become_store_unavailable(
     assert await held.acquire()
     server.connected = False
     await held.release()  # Redis gone: the TTL frees the lock, release must not raise
-    calls: list[Callable[[], Awaitable[object]]] = [
-        store.ping,
-        lambda: store.load("default"),
-        lambda: store.put("default", record(2)),
-        lambda: store.lock("default", 30).acquire(),
-    ]
-    for call in calls:
+    for call in every_operation(store):
         with pytest.raises(StoreUnavailable) as caught:
             await call()
         assert type(caught.value) is StoreUnavailable
@@ -511,13 +515,7 @@ async def test_private_server_killed_then_restarted() -> None:
             await probe.aclose()
 
         server.kill()
-        calls: list[Callable[[], Awaitable[object]]] = [
-            store.ping,
-            lambda: store.load("default"),
-            lambda: store.put("default", record(2)),
-            lambda: store.lock("default", 30).acquire(),
-        ]
-        for call in calls:
+        for call in every_operation(store):
             with pytest.raises(StoreUnavailable) as caught:
                 await call()
             message = str(caught.value)
