@@ -19,20 +19,24 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from proxy import endpoints
+from proxy import admin, endpoints
+from proxy.callers import Callers
 from proxy.clock import Clock, system_clock
-from proxy.config import Kind, Settings
+from proxy.config import CredentialSettings, Kind, Settings
+from proxy.connections import Connections
 from proxy.coordinator import OAuthCredential
 from proxy.credentials import ApiKeyCredential, Credential
 from proxy.crypto import TokenCipher
 from proxy.errors import ProxyError, StoreUnavailable
-from proxy.forwarding import EXCHANGE, Exchange, Forwarder, Router, error_body
+from proxy.forwarding import EXCHANGE, Exchange, Forwarder, error_body
 from proxy.headers import REQUEST_ID, check_target
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
-from proxy.store import MemoryStore, TokenStore
+from proxy.registry import Registry
+from proxy.sqlite_store import SqliteStore
+from proxy.store import TokenStore
 
 log = structlog.get_logger("proxy.app")
 access_log = structlog.get_logger("proxy.access")
@@ -49,10 +53,10 @@ class Runtime:
     metrics: Metrics
     clock: Clock
     session: aiohttp.ClientSession
-    credentials: dict[str, Credential]
-    router: Router
+    registry: Registry
     limiter: Limiter
     forwarder: Forwarder
+    connections: Connections
     stop_deadline: float | None = None
     """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
@@ -62,9 +66,10 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def make_store(settings: Settings) -> TokenStore:
-    if settings.redis_url is None:
-        return MemoryStore()
+    """Redis when CBPROXY_REDIS_URL is set, else the SQLite file CBPROXY_STATE_FILE."""
     cipher = TokenCipher.from_keys(settings.encryption_keys) if settings.encryption_keys else None
+    if settings.redis_url is None:
+        return SqliteStore(settings.state_file, cipher=cipher)
     return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, cipher=cipher)
 
 
@@ -88,6 +93,9 @@ def create_app(
     app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
     app.router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
     app.router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
+    app.router.add_route("GET", "/_proxy/apps/{app}/install", endpoints.app_install)
+    app.router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
+    admin.add_routes(app.router)
     app.router.add_route("*", "/_proxy/{tail:(?s:.*)}", endpoints.not_found)
     # (?s): a decoded path may hold a newline; it must still reach the target checks.
     app.router.add_route("*", "/{tail:(?s:.*)}", forward)
@@ -118,60 +126,46 @@ async def _runtime(
         register_secret(secret, configured=True)
     connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    # The limiter's script needs one slot per credential: keys carry the store's hash tag.
-    redis = store.client if isinstance(store, RedisStore) else None
-    limiter = Limiter(
-        {
-            c.name: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
-            for c in settings.credentials
-        },
-        redis=redis,
-        key=store.key if isinstance(store, RedisStore) else lambda name, suffix: f"{name}:{suffix}",
-        metrics=metrics,
-        replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-        clock=clock,
-        heartbeat_interval=settings.heartbeat_interval,
-    )
-    credentials: dict[str, Credential] = {}
-    for cred in settings.credentials:
+    limiter = _limiter(settings, store, metrics, clock)
+
+    def make(cred: CredentialSettings) -> Credential:
         if cred.kind is Kind.API_KEY:
-            credentials[cred.name] = ApiKeyCredential(cred)
-        else:
-            credentials[cred.name] = OAuthCredential(
-                cred,
-                settings,
-                store=store,
-                session=session,
-                metrics=metrics,
-                clock=clock,
-                # A refresh counts against the budget but must not lose to a flood of
-                # requests: it may wait for its slot as long as its lock outlives the call.
-                gate=functools.partial(
-                    limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
-                ),
-            )
-    router = Router(credentials)
+            return ApiKeyCredential(cred, store)
+        return OAuthCredential(
+            cred,
+            settings,
+            store=store,
+            session=session,
+            metrics=metrics,
+            clock=clock,
+            # A refresh counts against the budget but must not lose to a flood of
+            # requests: it may wait for its slot as long as its lock outlives the call.
+            gate=functools.partial(
+                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
+            ),
+        )
+
+    registry = Registry(settings, store, make, metrics, clock)
+    forwarder = Forwarder(
+        settings, session, registry, limiter, metrics, callers=Callers(settings.callers)
+    )
+    connections = Connections(settings, store, session, registry, limiter, clock=clock)
     runtime = Runtime(
-        settings,
-        store,
-        metrics,
-        clock,
-        session,
-        credentials,
-        router,
-        limiter,
-        Forwarder(settings, session, router, limiter, metrics),
+        settings, store, metrics, clock, session, registry, limiter, forwarder, connections
     )
     tasks: set[asyncio.Task[None]] = set()
     try:
-        for credential in credentials.values():
-            await credential.start()
-            tasks.add(asyncio.create_task(credential.run(), name=f"refresh:{credential.name}"))
+        await registry.start()
+        tasks.add(asyncio.create_task(registry.follow(), name="changes"))
         if store.shared:
-            tasks.add(asyncio.create_task(_follow_changes(runtime), name="changes"))
             tasks.add(asyncio.create_task(limiter.run_heartbeat(), name="heartbeat"))
         tasks.add(asyncio.create_task(_poll(runtime), name="poll"))
-        log.info("proxy.started", credentials=sorted(credentials), store=type(store).__name__)
+        log.info(
+            "proxy.started",
+            connections=len(registry.connections),
+            apps=[a.name for a in settings.apps],
+            store=type(store).__name__,
+        )
         yield runtime
     finally:
         for task in tasks:
@@ -180,36 +174,44 @@ async def _runtime(
         # A refresh in flight may finish in what is left of the grace period, then it is
         # cancelled; either way its `finally` releases the lock before the store closes.
         now = asyncio.get_running_loop().time()
-        left = (runtime.stop_deadline or now) - now
-        await asyncio.gather(*(c.stop(left) for c in credentials.values()))
+        await registry.stop((runtime.stop_deadline or now) - now)
+        with contextlib.suppress(StoreUnavailable):
+            await registry.flush_used()
         await session.close()
         await store.close()
 
 
-async def _follow_changes(runtime: Runtime) -> None:
-    """Adopt records other replicas publish; reconnect with backoff when the store drops."""
-    delay = 0.5
-    while True:
-        try:
-            async for name in runtime.store.changes():
-                delay = 0.5
-                credential = runtime.credentials.get(name)
-                if credential is not None:
-                    with contextlib.suppress(StoreUnavailable):
-                        await credential.reload()
-        except StoreUnavailable:
-            runtime.metrics.redis_errors.labels("subscribe").inc()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
+    """One budget per configured credential and one per app, shared by its connections."""
+    limits = {
+        c.budget: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
+        for c in settings.credentials
+    }
+    for app in settings.apps:
+        limits[f"app:{app.name}"] = RateLimit(
+            app.rate_limit, app.rate_burst, settings.rate_max_wait
+        )
+    # The limiter's script needs one slot per budget: keys carry the store's hash tag.
+    redis = store.client if isinstance(store, RedisStore) else None
+    return Limiter(
+        limits,
+        redis=redis,
+        key=store.key if isinstance(store, RedisStore) else lambda name, suffix: f"{name}:{suffix}",
+        metrics=metrics,
+        replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+        clock=clock,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
 
 
 async def _poll(runtime: Runtime) -> None:
-    """The fallback for a missed publication; logs when the store goes and comes back."""
+    """The fallback for a missed change, the last-used batch, and the store's comings and goings."""
     store_ok = True
     while True:
         try:
             await runtime.store.ping()
-            for credential in runtime.credentials.values():
+            await runtime.registry.flush_used()
+            for credential in list(runtime.registry.connections.values()):
                 await credential.reload()
         except StoreUnavailable:
             if store_ok:

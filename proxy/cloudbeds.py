@@ -31,6 +31,7 @@ class TokenResponse:
     expires_in: float
     refresh_token: str | None = dataclasses.field(repr=False)
     properties: tuple[str, ...]
+    associations: tuple[str, ...] = ()
 
 
 def refresh_form(client_id: str, client_secret: str, refresh_token: str) -> dict[str, str]:
@@ -50,6 +51,49 @@ def code_form(client_id: str, client_secret: str, redirect_uri: str, code: str) 
         "redirect_uri": redirect_uri,
         "code": code,
     }
+
+
+API_KEY_GRANT = "urn:ietf:params:oauth:grant-type:api-key"
+
+
+def api_key_form(
+    client_id: str, client_secret: str, redirect_uri: str, code: str
+) -> dict[str, str]:
+    """A code exchanged for a static API key (an app with `delivery = "api_key"`)."""
+    return {**code_form(client_id, client_secret, redirect_uri, code), "grant_type": API_KEY_GRANT}
+
+
+def exchange_form(client_id: str, client_secret: str, refresh_token: str) -> dict[str, str]:
+    """An OAuth connection's refresh token exchanged for an API key (one way)."""
+    return {
+        **refresh_form(client_id, client_secret, refresh_token),
+        "grant_type": "refresh_token_exchange",
+    }
+
+
+def app_state_form(property_id: str, state: str) -> dict[str, str]:
+    """`POST /api/v1.3/postAppState`: tell Cloudbeds the app is `disabled` for a property."""
+    return {"propertyID": property_id, "app_state": state}
+
+
+def decode_api_key_response(status: int, body: bytes, *, secrets: Iterable[str] = ()) -> str:
+    """The `cbat_` key of an API-key grant (`{"access_token": "cbat_..."}`), or the error."""
+    if status != 200:
+        decode_token_response(status, body, secrets=secrets)  # raises the right error
+    key = _json_object(body).get("access_token")
+    if not isinstance(key, str) or not key:
+        raise TokenEndpointUnavailable("token endpoint answered 200 without an API key")
+    return key
+
+
+def hotel_ids(status: int, body: bytes) -> tuple[str, ...]:
+    """Property ids from a `getHotels` answer (`{"success": true, "data": [{"propertyID"}]}`)."""
+    data = _json_object(body)
+    hotels = data.get("data")
+    if status != 200 or data.get("success") is not True or not isinstance(hotels, list):
+        return ()
+    ids = (h.get("propertyID") for h in hotels if isinstance(h, dict))
+    return tuple(str(i) for i in ids if isinstance(i, str | int) and not isinstance(i, bool))
 
 
 def decode_token_response(
@@ -87,7 +131,8 @@ def decode_token_response(
         access_token=access_token,
         expires_in=lifetime,
         refresh_token=refresh if isinstance(refresh, str) and refresh else None,
-        properties=_properties(data.get("resources")),
+        properties=_resources(data.get("resources"), "property"),
+        associations=_resources(data.get("resources"), "association"),
     )
 
 
@@ -99,33 +144,66 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _properties(resources: Any) -> tuple[str, ...]:
+def _resources(resources: Any, kind: str) -> tuple[str, ...]:
     if not isinstance(resources, list):
         return ()
     return tuple(
         str(r["id"])
         for r in resources
-        if isinstance(r, dict) and r.get("type") == "property" and "id" in r
+        if isinstance(r, dict) and r.get("type") == kind and "id" in r
     )
 
 
 async def send_token_request(
     session: aiohttp.ClientSession, url: str, form: Mapping[str, str], timeout: float
 ) -> TokenResponse:
-    """POST the form to the token endpoint; aiohttp errors become TokenEndpointUnavailable."""
+    """POST the form to the token endpoint and decode a token pair."""
+    status, body = await post_form(session, url, form, timeout)
+    return decode_token_response(status, body, secrets=sent_secrets(form))
+
+
+async def send_api_key_request(
+    session: aiohttp.ClientSession, url: str, form: Mapping[str, str], timeout: float
+) -> str:
+    """POST the form to the token endpoint and decode an API key."""
+    status, body = await post_form(session, url, form, timeout)
+    return decode_api_key_response(status, body, secrets=sent_secrets(form))
+
+
+def sent_secrets(form: Mapping[str, str]) -> list[str]:
+    return [form[k] for k in _SECRET_FIELDS if k in form]
+
+
+async def post_form(
+    session: aiohttp.ClientSession, url: str, form: Mapping[str, str], timeout: float
+) -> tuple[int, bytes]:
+    """POST a form to the token endpoint; aiohttp errors become TokenEndpointUnavailable."""
+    return await call(session, "POST", url, timeout=timeout, form=form)
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    timeout: float,
+    form: Mapping[str, str] | None = None,
+    header: tuple[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One call to Cloudbeds made by the proxy itself (token endpoint, getHotels,
+    postAppState): (status, body). aiohttp errors become TokenEndpointUnavailable."""
+    headers = dict([header]) if header else None
     try:
-        async with session.post(
-            url, data=dict(form), timeout=aiohttp.ClientTimeout(total=timeout)
+        async with session.request(
+            method,
+            url,
+            data=dict(form) if form is not None else None,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
-            body = await response.read()
-            status = response.status
+            return response.status, await response.read()
     except TimeoutError:
-        raise TokenEndpointUnavailable(f"token endpoint timed out after {timeout:g}s") from None
+        raise TokenEndpointUnavailable(f"Cloudbeds timed out after {timeout:g}s") from None
     except aiohttp.ClientError as exc:
         # str(exc) may hold the URL but never the form; name only the error class.
-        raise TokenEndpointUnavailable(
-            f"token endpoint unreachable ({type(exc).__name__})"
-        ) from None
-    return decode_token_response(
-        status, body, secrets=[form[k] for k in _SECRET_FIELDS if k in form]
-    )
+        raise TokenEndpointUnavailable(f"Cloudbeds unreachable ({type(exc).__name__})") from None

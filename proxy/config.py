@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,10 +22,25 @@ import redis.connection
 
 from proxy.crypto import TokenCipher
 from proxy.redis_store import parse_redis_url
+from proxy.tokens import Kind
+
+__all__ = ["Kind"]
 
 DEFAULT_CREDENTIAL = "default"
 PREFIX = "CBPROXY_"
-SECRETS = frozenset({"client_secret", "refresh_token", "api_key", "encryption_key", "redis_url"})
+SECRETS = frozenset(
+    {
+        "client_secret",
+        "refresh_token",
+        "api_key",
+        "encryption_key",
+        "redis_url",
+        "admin_token",
+        "events_secret",
+        "token",
+        "marketplace_state",
+    }
+)
 """Settings that are masked by `check-config` and have a `_FILE` twin."""
 
 T = TypeVar("T")
@@ -33,9 +50,8 @@ class ConfigError(ValueError):
     """A setting is missing or wrong. The message names it and says what to do."""
 
 
-class Kind(enum.StrEnum):
-    OAUTH = "oauth"
-    API_KEY = "api_key"
+CONNECTION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+"""Connection ids, app names and caller names: safe in a URL path, a key and a log line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +66,64 @@ class CredentialSettings:
     properties: tuple[str, ...] = ()
     rate_limit: float = 5.0
     rate_burst: int = 5
+    app: str | None = None
+    """Set for a connection of an app: its client, and the app's shared rate budget."""
+
+    @property
+    def budget(self) -> str:
+        """The rate limiter's bucket: the app's (Cloudbeds counts per client id), or its own."""
+        return f"app:{self.app}" if self.app else self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSettings:
+    """A Cloudbeds app (one client id) whose connections are made at run time."""
+
+    name: str
+    client_id: str
+    client_secret: str = dataclasses.field(repr=False)
+    redirect_uri: str
+    delivery: Kind = Kind.OAUTH
+    rate_limit: float = 5.0
+    rate_burst: int = 5
+    post_app_state_on_delete: bool = True
+    marketplace_state: str | None = dataclasses.field(default=None, repr=False)
+
+    def connection(self, connection_id: str) -> CredentialSettings:
+        """The settings a connection of this app runs with."""
+        return CredentialSettings(
+            name=connection_id,
+            kind=self.delivery,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            redirect_uri=self.redirect_uri,
+            rate_limit=self.rate_limit,
+            rate_burst=self.rate_burst,
+            app=self.name,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CallerSettings:
+    """A service allowed to use the proxy, and the connections it may use."""
+
+    name: str
+    token: str = dataclasses.field(repr=False)
+    connections: tuple[str, ...] = ()
+    apps: tuple[str, ...] = ()
+
+    def may_use(self, connection_id: str, app: str | None) -> bool:
+        """True when a `connections` or `apps` pattern (names or *-globs) matches."""
+        if any(fnmatch.fnmatchcase(connection_id, p) for p in self.connections):
+            return True
+        return app is not None and any(fnmatch.fnmatchcase(app, p) for p in self.apps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     credentials: tuple[CredentialSettings, ...]
+    apps: tuple[AppSettings, ...] = ()
+    callers: tuple[CallerSettings, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
     upstream_url: str = "https://api.cloudbeds.com"
@@ -76,6 +145,12 @@ class Settings:
     wait_for_token: float = 10.0
     poll_interval: float = 10.0
     heartbeat_interval: float = 5.0
+    state_file: str = "cloudbeds-proxy.db"
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    public_host: str | None = None
+    public_port: int | None = None
+    events_url: str | None = None
+    events_secret: str | None = dataclasses.field(default=None, repr=False)
 
     def secrets(self) -> list[str]:
         """Every secret in the configuration, for the log redaction to know."""
@@ -84,21 +159,29 @@ class Settings:
             found.append(urlsplit(self.redis_url).password or "")
         for cred in self.credentials:
             found += [cred.client_secret or "", cred.refresh_token or "", cred.api_key or ""]
+        found += [app.client_secret for app in self.apps]
+        found += [app.marketplace_state or "" for app in self.apps]
+        found += [caller.token for caller in self.callers]
+        found += [self.admin_token or "", self.events_secret or ""]
         return [secret for secret in found if secret]
 
     def credential(self, name: str) -> CredentialSettings | None:
         return next((c for c in self.credentials if c.name == name), None)
 
+    def app(self, name: str) -> AppSettings | None:
+        return next((a for a in self.apps if a.name == name), None)
+
     def describe(self) -> dict[str, Any]:
         """The resolved configuration with every secret masked (for `check-config`)."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
-            if field.name != "credentials":
+            if field.name not in ("credentials", "apps", "callers"):
                 out[field.name] = _mask(field.name, getattr(self, field.name))
-        out["credentials"] = {
-            c.name: {f.name: _mask(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)}
-            for c in self.credentials
-        }
+        for group in ("credentials", "apps", "callers"):
+            out[group] = {
+                c.name: {f.name: _mask(f.name, getattr(c, f.name)) for f in dataclasses.fields(c)}
+                for c in getattr(self, group)
+            }
         return out
 
 
@@ -199,6 +282,12 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "wait_for_token": _positive(float),
     "poll_interval": _bound,
     "heartbeat_interval": _bound,
+    "state_file": str,
+    "admin_token": str,
+    "public_host": str,
+    "public_port": _port,
+    "events_url": _url,
+    "events_secret": str,
 }
 CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
     "client_id": str,
@@ -271,7 +360,9 @@ def load_settings(environ: Mapping[str, str], config_file: str | None = None) ->
             values["encryption_keys" if name == "encryption_key" else name] = value
     defaults = {n: source.get(n, CREDENTIAL_FIELDS[n]) for n in GLOBAL_CREDENTIAL_DEFAULTS}
     credentials = _credentials(environ, document.get("credentials", {}), defaults)
-    settings = Settings(credentials=credentials, **values)
+    apps = _apps(document.get("apps", {}))
+    callers = _callers(document.get("callers", {}))
+    settings = Settings(credentials=credentials, apps=apps, callers=callers, **values)
     _check(settings)
     return settings
 
@@ -310,6 +401,67 @@ def _credentials(
                 f'[credentials.{name}].properties: must be a list of property ids, like ["1001"]'
             )
         result.append(_credential(name, values, tuple(str(p) for p in props)))
+    return tuple(result)
+
+
+APP_FIELDS: dict[str, Callable[[str], Any]] = {
+    "client_id": str,
+    "client_secret": str,
+    "redirect_uri": str,
+    "delivery": Kind,
+    "rate_limit": _positive(float),
+    "rate_burst": _positive(int),
+    "marketplace_state": str,
+}
+
+
+def _tables(document: Any, group: str) -> Mapping[str, Mapping[str, Any]]:
+    if not isinstance(document, dict):
+        raise ConfigError(f"[{group}]: must be a table of [{group}.NAME] tables")
+    for name, table in document.items():
+        if not CONNECTION_ID.fullmatch(name):
+            raise ConfigError(f"[{group}.{name[:64]}]: names use only A-Z a-z 0-9 . _ -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{group}.{name}]: must be a table")
+    return document
+
+
+def _apps(document: Any) -> tuple[AppSettings, ...]:
+    result = []
+    for name, table in _tables(document, "apps").items():
+        where = f"[apps.{name}]"
+        source = _Source({}, table, where)
+        try:
+            values = {f: source.get(f, p, env=False) for f, p in APP_FIELDS.items()}
+        except ConfigError as exc:
+            if "delivery" in str(exc):
+                raise ConfigError(f"{where}.delivery: must be oauth or api_key") from None
+            raise
+        for needed in ("client_id", "client_secret", "redirect_uri"):
+            if not values[needed]:
+                raise ConfigError(f"{where}.{needed}: required for an app")
+        on_delete = table.get("post_app_state_on_delete", True)
+        if not isinstance(on_delete, bool):
+            raise ConfigError(f"{where}.post_app_state_on_delete: must be true or false")
+        present = {k: v for k, v in values.items() if v is not None}
+        result.append(AppSettings(name=name, post_app_state_on_delete=on_delete, **present))
+    return tuple(result)
+
+
+def _callers(document: Any) -> tuple[CallerSettings, ...]:
+    result = []
+    for name, table in _tables(document, "callers").items():
+        where = f"[callers.{name}]"
+        token = _Source({}, table, where).get("token", str, env=False)
+        if not token:
+            raise ConfigError(f"{where}.token: required (or token_file)")
+        lists = {}
+        for field in ("connections", "apps"):
+            value = table.get(field, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f'{where}.{field}: must be a list of names or globs, like ["*"]')
+            lists[field] = tuple(value)
+        result.append(CallerSettings(name=name, token=token, **lists))
     return tuple(result)
 
 
@@ -361,8 +513,8 @@ def _check(settings: Settings) -> None:
 
 
 def require_credentials(settings: Settings) -> None:
-    """`serve` needs at least one credential; say how to give one."""
-    if not settings.credentials:
+    """`serve` needs at least one credential or app; say how to give one."""
+    if not settings.credentials and not settings.apps:
         raise ConfigError(
             "CBPROXY_CLIENT_ID: no credential configured. Set CBPROXY_CLIENT_ID and "
             "CBPROXY_CLIENT_SECRET (OAuth) or CBPROXY_API_KEY, or [credentials.NAME] tables "

@@ -31,6 +31,7 @@ from proxy import cloudbeds
 from proxy.clock import Clock
 from proxy.config import CredentialSettings, Kind, Settings
 from proxy.errors import (
+    ConnectionDisconnected,
     NoUsableToken,
     ProxyError,
     ReauthorizationRequired,
@@ -38,11 +39,12 @@ from proxy.errors import (
     TokenEndpointUnavailable,
     TokenRejected,
 )
+from proxy.events import Event, EventType, new_event
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
 from proxy.store import TokenStore
-from proxy.tokens import State, TokenRecord, grant_outranks, seed_record
+from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
 
 log = structlog.get_logger("proxy.coordinator")
 TokenGate = Callable[[str], Awaitable[object]]
@@ -77,6 +79,7 @@ class OAuthCredential:
         self._retry_at = 0.0
         self._attempt = 0
         self._unsaved: TokenRecord | None = None
+        self._unsaved_events: tuple[Event, ...] = ()
         self.last_error: str | None = None
         metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
 
@@ -115,6 +118,11 @@ class OAuthCredential:
                     await changed.wait()
 
     def _raise_if_hopeless(self, record: TokenRecord | None) -> None:
+        if record is not None and record.state is State.DISCONNECTED:
+            raise ConnectionDisconnected(
+                f"connection {self.name!r} was disconnected; the property must install the "
+                "app again before requests can use it"
+            )
         if record is not None and record.state is State.REAUTHORIZATION_REQUIRED:
             raise ReauthorizationRequired(
                 f"Cloudbeds rejected the refresh token of credential {self.name!r}; "
@@ -164,7 +172,7 @@ class OAuthCredential:
     async def reload(self) -> None:
         """Re-read the store; write back a record the store missed while it was down."""
         if self._unsaved is not None:
-            await self._save(self._unsaved)
+            await self._save(self._unsaved, events=self._unsaved_events)
         stored = await self._store.load(self.name)
         if stored is not None:
             self.adopt(stored)
@@ -211,46 +219,52 @@ class OAuthCredential:
             properties=response.properties,
         )
         self.adopt(record)
-        # A human just authorised: this grant wins over whatever a refresh wrote meanwhile.
-        await self._save(record, prevail=True)
+        await self._save(record, write=Write.AUTHORIZATION)
         installed = self.record or record  # one generation up if it had to be rewritten
         log.info("token.authorized", credential=self.name, generation=installed.generation)
         return installed
 
     async def _save(
-        self, record: TokenRecord, *, rebase: bool = True, prevail: bool = False
+        self,
+        record: TokenRecord,
+        *,
+        write: Write = Write.REFRESH,
+        events: tuple[Event, ...] = (),
+        rebase: bool = True,
     ) -> None:
-        """Write `record`; if refused, adopt the stored one, or write once more on top of it
-        when `record` must win (a new grant over a refusal, or a human's authorisation)."""
+        """Write `record` (with `events`); if the store refused it, `resolve` decides."""
         try:
-            written = await self._store.put(self.name, record)
+            written = await self._store.put(self.name, record, events=events)
         except StoreUnavailable:
             self._metrics.redis_errors.labels("put").inc()
             self._unsaved = record
+            self._unsaved_events = events
             log.warning("token.write.deferred", credential=self.name, generation=record.generation)
             return
         if self._unsaved is record:
             self._unsaved = None  # only this record: a newer one may have failed meanwhile
-        if not written:
-            stored = None
-            with contextlib.suppress(StoreUnavailable):
-                stored = await self._store.load(self.name)
-            if rebase and stored is not None and (prevail or grant_outranks(record, stored)):
-                # Written once more, one generation up; `rebase=False` bounds it to once.
-                rebased = dataclasses.replace(record, generation=stored.generation + 1)
-                log.warning(
-                    "token.write.rebased",
-                    credential=self.name,
-                    refusal=stored.generation,
-                    generation=rebased.generation,
-                )
-                self.adopt(rebased)
-                await self._save(rebased, rebase=False)
-                return
-            self._metrics.lock_losses.labels(self.name).inc()
-            if stored is not None:
-                log.info("token.write.superseded", credential=self.name, stored=stored.generation)
-                self.adopt(stored, force=True)
+        if written:
+            return
+        stored = None
+        with contextlib.suppress(StoreUnavailable):
+            stored = await self._store.load(self.name)
+        if stored is None:
+            return
+        if rebase and resolve(record, stored, write) is Outcome.REBASE:
+            # Written once more, one generation up; `rebase=False` bounds it to once.
+            rebased = dataclasses.replace(record, generation=stored.generation + 1)
+            log.warning(
+                "token.write.rebased",
+                credential=self.name,
+                stored=stored.generation,
+                generation=rebased.generation,
+            )
+            self.adopt(rebased)
+            await self._save(rebased, write=write, events=events, rebase=False)
+            return
+        self._metrics.lock_losses.labels(self.name).inc()
+        log.info("token.write.superseded", credential=self.name, stored=stored.generation)
+        self.adopt(stored, force=True)
 
     # -- background refresh -----------------------------------------------------------------
 
@@ -344,7 +358,7 @@ class OAuthCredential:
         due = decide(record, now, self._policy, jitter=self._jitter).action is Action.REFRESH
         if not due and force_generation != record.generation:
             return  # another replica refreshed while we waited for the lock
-        if record.state is State.REAUTHORIZATION_REQUIRED:
+        if record.state is not State.OK:
             return
         await self._call_token_endpoint(record, forced=not due)
 
@@ -358,7 +372,7 @@ class OAuthCredential:
         )
         if self._gate is not None:
             try:
-                await self._gate(self.name)
+                await self._gate(settings.budget)
             except ProxyError as exc:  # rate limited: try again once the budget allows
                 self._transient_failure(TokenEndpointUnavailable(exc.message))
                 return
@@ -417,9 +431,12 @@ class OAuthCredential:
             reason=exc.reason,
             action="re-authorise: /_proxy/oauth/start or auth exchange",
         )
-        blocked = record.successor(state=State.REAUTHORIZATION_REQUIRED)
+        blocked = record.successor(state=State.REAUTHORIZATION_REQUIRED, updated_at=self._clock())
         self.adopt(blocked)
-        await self._save(blocked)
+        # The event goes with the write: only the replica whose write lands reports it.
+        view = blocked.view(self.name)
+        event = new_event(EventType.REAUTHORIZATION_REQUIRED, view, self._clock())
+        await self._save(blocked, events=(event,) if self._proxy.events_url else ())
 
     async def _newer_than(self, record: TokenRecord) -> TokenRecord | None:
         """A record newer than `record`, in memory or in the store, if there is one."""
@@ -455,8 +472,8 @@ class OAuthCredential:
         record = self.record
         if record is None or record.refresh_token is None:
             return False, "not authorised"
-        if record.state is State.REAUTHORIZATION_REQUIRED:
-            return False, State.REAUTHORIZATION_REQUIRED.value
+        if record.state is not State.OK:
+            return False, record.state.value
         if not record.usable(self._clock()):
             return False, "no valid access token"
         return True, "ok"

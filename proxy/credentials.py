@@ -1,4 +1,4 @@
-"""What the request path needs from a credential, and the static API-key kind.
+"""What the request path needs from a connection's credential, and the static API-key kind.
 
 OAuth credentials, which refresh and share their token, live in `proxy.coordinator`.
 """
@@ -6,15 +6,20 @@ OAuth credentials, which refresh and share their token, live in `proxy.coordinat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Protocol
 
-from proxy.config import CredentialSettings, Kind
-from proxy.tokens import State
+from proxy.config import CredentialSettings
+from proxy.errors import ConnectionDisconnected, NoUsableToken, StoreUnavailable
+from proxy.logs import register_secret
+from proxy.store import TokenStore
+from proxy.tokens import Kind, State, TokenRecord
 
 
 class Credential(Protocol):
     name: str
     settings: CredentialSettings
+    record: TokenRecord | None
 
     @property
     def properties(self) -> tuple[str, ...]: ...
@@ -28,6 +33,9 @@ class Credential(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def adopt(self, record: TokenRecord, *, force: bool = False) -> bool:
+        """Make `record` the one in memory if it is newer (or `force`)."""
 
     async def start(self) -> None:
         """Load (or seed) the credential's record before the first request."""
@@ -43,37 +51,67 @@ class Credential(Protocol):
 
 
 class ApiKeyCredential:
-    """A static `x-api-key`: never refreshed, always ready."""
+    """A static `x-api-key`: never refreshed. From the configuration, or a stored connection's."""
 
-    def __init__(self, settings: CredentialSettings) -> None:
-        assert settings.api_key is not None
-        self.name, self.settings = settings.name, settings
-        self._header = ("x-api-key", settings.api_key)
+    def __init__(self, settings: CredentialSettings, store: TokenStore) -> None:
+        self.name, self.settings, self._store = settings.name, settings, store
+        self.record: TokenRecord | None = None
+        if settings.api_key is not None:
+            self.record = TokenRecord(
+                settings.api_key, 0.0, None, 0, kind=Kind.API_KEY, properties=settings.properties
+            )
 
     @property
     def properties(self) -> tuple[str, ...]:
-        return self.settings.properties
+        return self.record.properties if self.record else self.settings.properties
 
     async def header(self) -> tuple[str, str]:
-        return self._header
+        record = self.record
+        if record is not None and record.state is State.DISCONNECTED:
+            raise ConnectionDisconnected(
+                f"connection {self.name!r} was disconnected; the property must install the "
+                "app again before requests can use it"
+            )
+        if record is None or record.access_token is None or record.state is not State.OK:
+            raise NoUsableToken(f"connection {self.name!r} has no API key", retry_after=60)
+        return ("x-api-key", record.access_token)
 
     async def rejected(self, header: tuple[str, str]) -> bool:
         return False
 
+    def adopt(self, record: TokenRecord, *, force: bool = False) -> bool:
+        current = self.record
+        if self.settings.api_key is not None:
+            return False  # the configuration's key is the key
+        if not force and current is not None and record.generation <= current.generation:
+            return False
+        register_secret(record.access_token)
+        self.record = record
+        return True
+
     def ready(self) -> tuple[bool, str]:
+        record = self.record
+        if record is None or record.state is not State.OK:
+            return False, record.state.value if record else "no API key stored"
         return True, "api key"
 
     def status(self) -> dict[str, Any]:
-        return {"kind": Kind.API_KEY.value, "state": State.OK.value}
+        state = self.record.state.value if self.record else "not_authorized"
+        return {"kind": Kind.API_KEY.value, "state": state}
 
     async def start(self) -> None:
-        return None
+        with contextlib.suppress(StoreUnavailable):
+            await self.reload()
 
     async def run(self) -> None:
         await asyncio.Event().wait()
 
     async def reload(self) -> None:
-        return None
+        if self.settings.api_key is not None:
+            return
+        stored = await self._store.load(self.name)
+        if stored is not None:
+            self.adopt(stored)
 
     async def stop(self, timeout: float) -> None:
         return None

@@ -1,12 +1,19 @@
 """The proxy's own endpoints under `/_proxy/`: small handlers over explicit checks.
 
-`healthz` is liveness and touches nothing. `readyz` checks the store and every
-credential. `tokens` shows state, never a secret. `oauth/start` and `oauth/callback`
-bootstrap an OAuth credential (Cloudbeds quickstart, steps 3 and 4).
+`healthz` is liveness and touches nothing. `readyz` checks the store and every configured
+credential (connections of apps are counted by state, not checked: one property that must
+re-authorise does not take the fleet out of service). `tokens` shows state, never a
+secret. `oauth/start` and `oauth/callback` bootstrap a configured OAuth credential
+(Cloudbeds quickstart, steps 3 and 4); `apps/{app}/install` and `apps/{app}/callback` make
+connections of an app. A `state` is issued here, kept in the store (single use, 10
+minutes) and bound to what it authorises; a callback with any other state is refused
+before any token call. A callback with no state (or the app's `marketplace_state`) is a
+Cloudbeds Marketplace install.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import os
 import secrets
@@ -20,17 +27,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import cloudbeds
 from proxy.config import DEFAULT_CREDENTIAL, Kind, Settings
 from proxy.coordinator import OAuthCredential
-from proxy.errors import BadRequest, ProxyError, StoreUnavailable, TokenEndpointError
+from proxy.errors import (
+    AuthorizationFailed,
+    InvalidState,
+    ProxyError,
+    StoreUnavailable,
+    TokenEndpointError,
+)
 from proxy.tokens import TokenRecord
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
-
-STATE_COOKIE = "cbproxy_oauth_state"
-
-
-class AuthorizationFailed(BadRequest):
-    code = "authorization_failed"
 
 
 def _runtime(request: web.Request) -> Runtime:
@@ -55,11 +62,18 @@ async def readyz(request: web.Request) -> web.Response:
             checks["store"] = {"ok": False, "detail": exc.message}
     else:
         checks["store"] = {"ok": True, "detail": "in-process"}
-    for name, credential in runtime.credentials.items():
-        ok, detail = credential.ready()
-        checks[f"credential:{name}"] = {"ok": ok, "detail": detail}
+    connections = runtime.registry.connections
+    for cred in runtime.settings.credentials:
+        ok, detail = connections[cred.name].ready()
+        checks[f"credential:{cred.name}"] = {"ok": ok, "detail": detail}
     ready = all(check["ok"] for check in checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    counts: dict[str, int] = {}
+    for credential in connections.values():
+        if credential.settings.app is not None:
+            state = credential.record.state.value if credential.record else "not_authorized"
+            counts[state] = counts.get(state, 0) + 1
+    body = {"ready": ready, "checks": checks, "connections": counts}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -71,17 +85,20 @@ async def tokens(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     return web.json_response(
         {
-            name: {**credential.status(), "rate_limit": runtime.limiter.describe(name)}
-            for name, credential in runtime.credentials.items()
+            cred.name: {
+                **runtime.registry.connections[cred.name].status(),
+                "rate_limit": runtime.limiter.describe(cred.budget),
+            }
+            for cred in runtime.settings.credentials
         }
     )
 
 
 def _oauth_credential(request: web.Request, name: str) -> OAuthCredential:
     runtime = _runtime(request)
-    credential = runtime.credentials.get(name)
-    if not isinstance(credential, OAuthCredential):
-        names = [n for n, c in runtime.credentials.items() if c.settings.kind is Kind.OAUTH]
+    credential = runtime.registry.connections.get(name)
+    if not isinstance(credential, OAuthCredential) or credential.settings.app is not None:
+        names = [c.name for c in runtime.settings.credentials if c.kind is Kind.OAUTH]
         raise AuthorizationFailed(
             f"no OAuth credential named {name[:64]!r}; "
             f"OAuth credentials: {', '.join(names) or 'none'}"
@@ -104,37 +121,44 @@ def authorize_url(authorize_base: str, client_id: str, redirect_uri: str, state:
 async def oauth_start(request: web.Request) -> web.Response:
     name = request.query.get("credential", DEFAULT_CREDENTIAL)
     credential = _oauth_credential(request, name)
-    state = f"{name}.{secrets.token_urlsafe(16)}"
+    state = secrets.token_urlsafe(24)
+    await _runtime(request).store.save_state(state, {"credential": name})
     settings = credential.settings
     assert settings.client_id is not None
     assert settings.redirect_uri is not None
     target = authorize_url(
         _runtime(request).settings.authorize_url, settings.client_id, settings.redirect_uri, state
     )
-    # Returned, not raised, so the cookie goes with it; a returned HTTPException is deprecated.
-    response = web.Response(status=302, headers={"Location": target})
-    response.set_cookie(STATE_COOKIE, state, max_age=600, httponly=True, samesite="Lax")
-    return response
+    return web.Response(status=302, headers={"Location": target})
 
 
-async def oauth_callback(request: web.Request) -> web.Response:
+def _code(request: web.Request, start: str) -> str:
     query = request.query
     if "error" in query:
         raise AuthorizationFailed(
-            f"Cloudbeds did not authorise: {query['error'][:100]}; "
-            "start again at /_proxy/oauth/start"
+            f"Cloudbeds did not authorise: {query['error'][:100]}; start again at {start}"
         )
-    state, code = query.get("state", ""), query.get("code", "")
-    if not code:
-        raise AuthorizationFailed(
-            "no authorization code in the callback; start at /_proxy/oauth/start"
+    code = query.get("code", "")
+    if not code or len(code) > 4096:
+        raise AuthorizationFailed(f"no authorization code in the callback; start at {start}")
+    return code
+
+
+async def _take_state(request: web.Request, state: str, start: str) -> dict[str, str]:
+    issued = await _runtime(request).store.take_state(state) if 0 < len(state) <= 128 else None
+    if issued is None:
+        raise InvalidState(
+            "this callback's state was not issued here, was used already or is older than 10 "
+            f"minutes; start again at {start}"
         )
-    if not state or request.cookies.get(STATE_COOKIE) != state:
-        raise AuthorizationFailed(
-            "this callback does not match an authorisation started here (state mismatch); "
-            "start again at /_proxy/oauth/start in the same browser"
-        )
-    credential = _oauth_credential(request, state.split(".", 1)[0])
+    return issued
+
+
+async def oauth_callback(request: web.Request) -> web.Response:
+    start = "/_proxy/oauth/start"
+    code = _code(request, start)
+    issued = await _take_state(request, request.query.get("state", ""), start)
+    credential = _oauth_credential(request, issued.get("credential", ""))
     runtime = _runtime(request)
     record = await exchange_code(runtime.session, runtime.settings, credential, code)
     page = (
@@ -142,9 +166,42 @@ async def oauth_callback(request: web.Request) -> web.Response:
         f"(generation {record.generation}) for properties "
         f"{html.escape(', '.join(record.properties) or 'none listed')}.</p>"
     )
-    response = web.Response(text=_page("Authorised", page), content_type="text/html")
-    response.del_cookie(STATE_COOKIE)
-    return response
+    return web.Response(text=_page("Authorised", page), content_type="text/html")
+
+
+async def app_install(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    app = runtime.connections.app(request.match_info["app"])
+    state = secrets.token_urlsafe(24)
+    await runtime.store.save_state(state, {"app": app.name})
+    target = authorize_url(runtime.settings.authorize_url, app.client_id, app.redirect_uri, state)
+    return web.Response(status=302, headers={"Location": target})
+
+
+async def app_callback(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    app = runtime.connections.app(request.match_info["app"])
+    start = f"/_proxy/apps/{app.name}/install"
+    code = _code(request, start)
+    state = request.query.get("state", "")
+    marketplace = not state or (
+        app.marketplace_state is not None and hmac.compare_digest(state, app.marketplace_state)
+    )
+    if not marketplace:
+        issued = await _take_state(request, state, start)
+        if issued.get("app") != app.name:
+            raise InvalidState(f"this state was issued for another app; start again at {start}")
+    name, record, event = await runtime.connections.install(app, code)
+    view = record.view(name)
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response({"connection": view})
+    what = "reconnected" if event.value != "connection.created" else "connected"
+    page = (
+        f"<h1>Connected</h1><p>{html.escape(app.name)} is {what}: connection "
+        f"<b>{html.escape(name)}</b> for properties "
+        f"{html.escape(', '.join(record.properties))}.</p>"
+    )
+    return web.Response(text=_page("Connected", page), content_type="text/html")
 
 
 async def exchange_code(

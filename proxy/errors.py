@@ -3,8 +3,21 @@
     ProxyError
     ├── BadRequest (400 bad_request)
     │   ├── ForbiddenTarget (400 forbidden_target)       SSRF attempts, odd paths
-    │   └── UnknownCredential (400 unknown_credential)
+    │   ├── ConnectionRequired (400 connection_required) no route and no default
+    │   ├── InvalidConnection (400 invalid_connection)   bad admin input
+    │   ├── UnknownApp (400 unknown_app)
+    │   ├── InvalidState (400 invalid_state)             an install state not issued here
+    │   └── AuthorizationFailed (400 authorization_failed)
+    ├── CallerUnauthorized (401 caller_unauthorized)
+    ├── AdminUnauthorized (401 admin_unauthorized)
     ├── CredentialEndpointBlocked (403 credential_endpoint_blocked)
+    ├── ConnectionForbidden (403 connection_forbidden)
+    ├── AdminDisabled (403 admin_disabled)
+    ├── NotFound (404 not_found)
+    │   ├── UnknownConnection (404 unknown_connection)
+    │   └── UnknownProperty (404 unknown_property)
+    ├── AmbiguousProperty (409 ambiguous_property)
+    ├── ConnectionDisconnected (410 connection_disconnected)
     ├── BodyTooLarge (413 body_too_large)
     ├── RateLimited (429 rate_limited)
     ├── UpstreamUnreachable (502 upstream_unreachable)
@@ -44,8 +57,60 @@ class ForbiddenTarget(BadRequest):
     code = "forbidden_target"
 
 
-class UnknownCredential(BadRequest):
-    code = "unknown_credential"
+class ConnectionRequired(BadRequest):
+    code = "connection_required"
+
+
+class InvalidConnection(BadRequest):
+    code = "invalid_connection"
+
+
+class UnknownApp(BadRequest):
+    code = "unknown_app"
+
+
+class InvalidState(BadRequest):
+    code = "invalid_state"
+
+
+class AuthorizationFailed(BadRequest):
+    code = "authorization_failed"
+
+
+class CallerUnauthorized(ProxyError):
+    status, code = 401, "caller_unauthorized"
+
+
+class AdminUnauthorized(ProxyError):
+    status, code = 401, "admin_unauthorized"
+
+
+class ConnectionForbidden(ProxyError):
+    status, code = 403, "connection_forbidden"
+
+
+class AdminDisabled(ProxyError):
+    status, code = 403, "admin_disabled"
+
+
+class NotFound(ProxyError):
+    status, code = 404, "not_found"
+
+
+class UnknownConnection(NotFound):
+    code = "unknown_connection"
+
+
+class UnknownProperty(NotFound):
+    code = "unknown_property"
+
+
+class AmbiguousProperty(ProxyError):
+    status, code = 409, "ambiguous_property"
+
+
+class ConnectionDisconnected(ProxyError):
+    status, code = 410, "connection_disconnected"
 
 
 class CredentialEndpointBlocked(ProxyError):

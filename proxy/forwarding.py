@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,18 +20,17 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from proxy.config import DEFAULT_CREDENTIAL, Settings
+from proxy.callers import Callers
+from proxy.config import Settings
 from proxy.credentials import Credential
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
     ProxyError,
-    UnknownCredential,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.headers import (
-    CREDENTIAL_SELECTOR,
     REQUEST_ID,
     decode_raw,
     downstream_headers,
@@ -39,6 +38,7 @@ from proxy.headers import (
 )
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
+from proxy.registry import Registry
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -62,33 +62,6 @@ NOT_REPLAYED = "X-Cloudbeds-Proxy-Not-Replayed"
 # Headers aiohttp's client would invent; the caller's own are sent as they are.
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 _CHUNK = 64 * 1024
-
-
-class Router:
-    """Picks the credential for a request: by name, by property id, or the default."""
-
-    def __init__(self, credentials: Mapping[str, Credential]) -> None:
-        self.credentials = dict(credentials)
-        self.default = self.credentials.get(DEFAULT_CREDENTIAL) or next(
-            iter(self.credentials.values())
-        )
-
-    def pick(self, headers: Mapping[str, str]) -> Credential:
-        name = headers.get(CREDENTIAL_SELECTOR)
-        if name is not None:
-            credential = self.credentials.get(name)
-            if credential is None:
-                raise UnknownCredential(
-                    f"{CREDENTIAL_SELECTOR}: no credential named {name[:64]!r}; "
-                    f"configured: {', '.join(sorted(self.credentials))}"
-                )
-            return credential
-        prop = headers.get("X-PROPERTY-ID")
-        if prop is not None and len(self.credentials) > 1:
-            for credential in self.credentials.values():
-                if prop in credential.properties:
-                    return credential
-        return self.default
 
 
 class _BodyStream:
@@ -124,11 +97,14 @@ class Forwarder:
         self,
         settings: Settings,
         session: aiohttp.ClientSession,
-        router: Router,
+        registry: Registry,
         limiter: Limiter,
         metrics: Metrics,
+        *,
+        callers: Callers,
     ) -> None:
-        self._settings, self._session, self._router = settings, session, router
+        self._callers = callers
+        self._settings, self._session, self._registry = settings, session, registry
         self._limiter, self._metrics = limiter, metrics
         self._base = settings.upstream_url
         # `connect` bounds the wait for a pooled connection too, so a full pool ends in a
@@ -141,13 +117,17 @@ class Forwarder:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        credential = self._router.pick(request.headers)
+        caller = self._callers.identify(request.headers)
+        credential = self._registry.route(request.headers, request.query)
         request[EXCHANGE].credential = credential.name
+        if caller is not None:
+            self._callers.check(caller, credential)
+        self._registry.used(credential.name)
         body = await self._body(request)
         # A slot is taken only once a token exists (a request that would get a 503 spends
         # none of the budget a refresh needs); the token is read again after the wait.
         await credential.header()
-        await self._limiter.admit(credential.name)
+        await self._limiter.admit(credential.settings.budget)
         header = await credential.header()
         upstream = await self._send(request, credential, header, body)
         if upstream.status == 401:
@@ -209,11 +189,12 @@ class Forwarder:
             ) from None
         self._metrics.upstream_latency.observe(time.perf_counter() - started)
         request[EXCHANGE].upstream_request_id = response.headers.get(REQUEST_ID)
-        await self._honour_pause(credential.name, response)
+        await self._honour_pause(credential.settings.budget, response)
         return response
 
     async def _honour_pause(self, name: str, response: aiohttp.ClientResponse) -> None:
-        """Cloudbeds' 429 (or 503 with Retry-After) pauses the credential on every replica."""
+        """Cloudbeds' 429 (or 503 with Retry-After) pauses the budget on every replica: a
+        connection of an app pauses the whole app, since Cloudbeds counts per client id."""
         retry_after = response.headers.get("Retry-After")
         if response.status == 429 or (response.status == 503 and retry_after):
             try:

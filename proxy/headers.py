@@ -8,8 +8,10 @@ Rules:
   refused, so no caller can get or see a token through the proxy.
 - Hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and what it lists, `Keep-Alive`,
   `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) are dropped both ways.
-- Upstream, `Host` is the upstream's, the caller's `Authorization` and `x-api-key` are
-  replaced by the credential, `X-Cloudbeds-Credential` (addressed to the proxy) and
+- Upstream, `Host` is the upstream's, the caller's `Authorization` and `x-api-key` (a
+  caller token, when callers are configured) are replaced by the credential, the routing
+  headers `X-Cloudbeds-Connection`, `X-Cloudbeds-Credential` and `X-Cloudbeds-App`
+  (addressed to the proxy) and
   `Expect` (the proxy already answered it; forwarded, the client would wait for a
   `100 Continue` that may never come) are dropped, and `X-Request-ID` carries the
   request's id: the caller's, or a new one when it sent none or an unusable one.
@@ -29,9 +31,11 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 )
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
-CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
+CONNECTION_SELECTORS = ("X-Cloudbeds-Connection", "X-Cloudbeds-Credential")
+APP_SELECTOR = "X-Cloudbeds-App"
+ROUTING_HEADERS = frozenset(h.lower() for h in (*CONNECTION_SELECTORS, APP_SELECTOR))
 REQUEST_ID = "X-Request-ID"
-_DROPPED_UPSTREAM = CREDENTIAL_HEADERS | {"host", "expect", CREDENTIAL_SELECTOR.lower()}
+_DROPPED_UPSTREAM = CREDENTIAL_HEADERS | ROUTING_HEADERS | {"host", "expect"}
 # `#`: a fragment never reaches a server, so a client did not send it; yarl would cut it
 # off after the checks below, hiding what follows it (`/access_token#`).
 _RAW_CONTROL = re.compile(r"[\x00-\x20\x7f\\#]")

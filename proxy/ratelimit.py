@@ -46,7 +46,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.clock import Clock, system_clock
-from proxy.errors import RateLimited, UnknownCredential
+from proxy.errors import RateLimited, UnknownConnection
 from proxy.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -327,7 +327,7 @@ class Limiter:
         try:
             return self._limits[credential]
         except KeyError:
-            raise UnknownCredential(
+            raise UnknownConnection(
                 f"no rate limit is configured for credential {credential!r}"
             ) from None
 

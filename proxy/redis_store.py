@@ -1,14 +1,27 @@
-"""The token store shared by a fleet of replicas: Redis, standalone, Sentinel or Cluster.
+"""The store shared by a fleet of replicas: Redis, standalone, Sentinel or Cluster.
 
-Key layout, one Redis Cluster hash tag per credential so its keys share a slot:
+Key layout. Everything of the connection registry shares one Redis Cluster hash tag,
+`{conns}`, so a write of a record, its indexes, its events and the change feed is one
+atomic script even on a cluster (one slot; the traffic is a few writes a second):
 
-    {prefix}:{cred:<name>}:record   HASH  generation (int), data (JSON of the record)
-    {prefix}:{cred:<name>}:lock     STRING the refresh lock's owner token, with a TTL
-    {prefix}:changes                pub/sub channel; messages are credential names
+    {prefix}:{conns}:rec:<id>       HASH  generation, data (RecordCodec), app, props
+    {prefix}:{conns}:ids            ZSET  every connection id (score 0: paged by id)
+    {prefix}:{conns}:app:<app>      ZSET  the app's connection ids
+    {prefix}:{conns}:prop:<id>      SET   ids of the connections that cover a property
+    {prefix}:{conns}:feed           STREAM one entry per write, field `id`
+    {prefix}:{conns}:outbox         ZSET  event ids by sequence number
+    {prefix}:{conns}:outbox:data    HASH  event id -> Event JSON
+    {prefix}:{conns}:outbox:seq     STRING the last sequence number
+    {prefix}:{conns}:outbox:lease   STRING the delivering replica, with a TTL
+    {prefix}:{conns}:state:<state>  STRING an install state's data, 10 minutes
+    {prefix}:{conns}:used           HASH  id -> when it was last used
 
-`data` is `TokenRecord.to_json()`; with a cipher its access and refresh tokens are
-ciphertext and the JSON carries `"enc": 1`. A plaintext record still reads with a
-cipher (migration: the next write encrypts it); an encrypted one never reads without.
+Per connection, in the connection's own slot (single-key commands only):
+
+    {prefix}:{cred:<id>}:lock       STRING the refresh lock's owner token, with a TTL
+    {prefix}:{cred:<id>}:ratelimit  HASH  the rate limiter's state (proxy.ratelimit)
+    {prefix}:{cred:<id>}:record     the layout before connections: read when a
+                                    connection has no record yet, never written
 
 Every redis exception is translated here, once, into `StoreUnavailable`, whose message
 never carries the URL (it may hold a password) or a token.
@@ -19,13 +32,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.lock import Lock
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,7 +47,9 @@ from redis.exceptions import LockError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.crypto import TokenCipher
-from proxy.errors import RecordUnreadable, StoreUnavailable
+from proxy.errors import StoreUnavailable
+from proxy.events import Event
+from proxy.store import STATE_TTL, Page, RecordCodec
 from proxy.tokens import TokenRecord
 
 log = structlog.get_logger(__name__)
@@ -41,16 +57,59 @@ log = structlog.get_logger(__name__)
 RedisClient = aioredis.Redis | RedisCluster
 
 # Write iff nothing is stored or the stored generation is older: a stale writer (say, a
-# refresher whose lock expired) can never replace a newer token. Atomic because it is
-# one script.
+# refresher whose lock expired) can never replace a newer token. In the same step: the
+# app and property indexes, the events (outbox), and one change-feed entry.
+# KEYS: record, ids, feed, outbox, outbox data, outbox seq.
+# ARGV: generation, data, app, props (comma-separated), id, key base, feed length,
+#       then event id and event JSON pairs.
 _PUT_SCRIPT = """
 local stored = redis.call('HGET', KEYS[1], 'generation')
 if stored and tonumber(stored) >= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'data', ARGV[2])
+local id, base = ARGV[5], ARGV[6]
+local old_app = redis.call('HGET', KEYS[1], 'app')
+if old_app and old_app ~= '' and old_app ~= ARGV[3] then
+  redis.call('ZREM', base .. 'app:' .. old_app, id)
+end
+local old_props = redis.call('HGET', KEYS[1], 'props')
+if old_props then
+  for p in string.gmatch(old_props, '[^,]+') do redis.call('SREM', base .. 'prop:' .. p, id) end
+end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'data', ARGV[2],
+           'app', ARGV[3], 'props', ARGV[4])
+redis.call('ZADD', KEYS[2], 0, id)
+if ARGV[3] ~= '' then redis.call('ZADD', base .. 'app:' .. ARGV[3], 0, id) end
+for p in string.gmatch(ARGV[4], '[^,]+') do redis.call('SADD', base .. 'prop:' .. p, id) end
+for i = 8, #ARGV, 2 do
+  local seq = redis.call('INCR', KEYS[6])
+  redis.call('ZADD', KEYS[4], seq, ARGV[i])
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'id', id)
 return 1
 """
+
+# Take the outbox lease if it is free or already ours; renew it if ours.
+_LEASE_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# Replace an event's data only while it is still in the outbox (not delivered meanwhile).
+_RETRY_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+FEED_LENGTH = 100_000
+"""Feed entries kept (about): a follower further behind than this rereads everything."""
+_FEED_BLOCK_MS = 1000
+"""How long one read of the feed waits for news; below the socket timeout."""
 
 _SCHEMES = "redis://, rediss://, redis+sentinel://, redis+cluster:// or rediss+cluster://"
 _SENTINEL_PORT = 26379
@@ -187,9 +246,11 @@ class RedisStore:
     ) -> None:
         self.client = client
         self.prefix = prefix
-        self.channel = f"{prefix}:changes"
-        self._cipher = cipher
+        self.base = f"{prefix}:{{conns}}:"
+        self._codec = RecordCodec(cipher)
         self._put = client.register_script(_PUT_SCRIPT)
+        self._lease = client.register_script(_LEASE_SCRIPT)
+        self._retry = client.register_script(_RETRY_SCRIPT)
         self._sentinel: Sentinel | None = None
 
     @classmethod
@@ -200,8 +261,14 @@ class RedisStore:
         prefix: str = "cbproxy",
         cipher: TokenCipher | None = None,
         socket_timeout: float = 2.0,
+        max_connections: int = 64,
+        pool_timeout: float = 5.0,
     ) -> RedisStore:
-        """A store for CBPROXY_REDIS_URL. Connects lazily: call `ping()` to check."""
+        """A store for CBPROXY_REDIS_URL. Connects lazily: call `ping()` to check.
+
+        The pool is bounded and waits (up to `pool_timeout`) for a free connection: a busy
+        store is a slow store, not a missing one.
+        """
         target = parse_redis_url(url)
         options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
@@ -223,52 +290,138 @@ class RedisStore:
         assert target.url is not None
         if target.kind == "cluster":
             return cls(RedisCluster.from_url(target.url, **options), prefix=prefix, cipher=cipher)
-        return cls(aioredis.Redis.from_url(target.url, **options), prefix=prefix, cipher=cipher)
+        pool = BlockingConnectionPool.from_url(
+            target.url, max_connections=max_connections, timeout=pool_timeout, **options
+        )
+        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix, cipher=cipher)
 
     def key(self, name: str, suffix: str) -> str:
-        """`{prefix}:{cred:<name>}:<suffix>`: the hash tag keeps a credential in one slot."""
+        """`{prefix}:{cred:<name>}:<suffix>`: one connection's own slot (lock, limiter)."""
         return f"{self.prefix}:{{cred:{name}}}:{suffix}"
 
     async def load(self, name: str) -> TokenRecord | None:
         with _redis_errors():
-            raw = await self.client.hget(self.key(name, "record"), "data")
-        if raw is None:
-            return None
-        return self._decode(name, raw)
+            raw = await self.client.hget(self.base + "rec:" + name, "data")
+            if raw is None:
+                raw = await self.client.hget(self.key(name, "record"), "data")
+        return None if raw is None else self._codec.decode(name, raw)
 
-    async def put(self, name: str, record: TokenRecord) -> bool:
-        data = json.dumps(self._encode(record), separators=(",", ":"))
+    async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
+        b = self.base
+        args: list[Any] = [
+            record.generation,
+            self._codec.encode(record),
+            record.app or "",
+            ",".join(record.properties),
+            name,
+            b,
+            FEED_LENGTH,
+        ]
+        for event in events:
+            args += [event.id, event.to_json()]
+        keys = [b + "rec:" + name, b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
         with _redis_errors():
-            written = await self._put(
-                keys=[self.key(name, "record")], args=[record.generation, data]
-            )
-        if not written:
-            return False
-        try:
-            with _redis_errors():
-                await self.client.publish(self.channel, name)
-        except StoreUnavailable as exc:
-            # The record is written; replicas that miss the message find it by polling.
-            log.warning("store.publish.failed", credential=name, error=exc.message)
-        return True
+            return bool(await self._put(keys=[*keys, b + "outbox:seq"], args=args))
+
+    async def page(
+        self, *, app: str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Page:
+        index = self.base + (f"app:{app}" if app is not None else "ids")
+        start = "-" if cursor is None else "(" + cursor
+        with _redis_errors():
+            names = [
+                n.decode() if isinstance(n, bytes) else str(n)
+                for n in await self.client.zrangebylex(index, start, "+", start=0, num=limit + 1)
+            ]
+            chosen = names[:limit]
+            raws = await self._hget_many(chosen)
+        pairs = zip(chosen, raws, strict=True)
+        records = [(n, self._codec.decode(n, raw)) for n, raw in pairs if raw is not None]
+        return records, (chosen[-1] if len(names) > limit else None)
+
+    async def _hget_many(self, names: Sequence[str]) -> list[Any]:
+        if not names:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(self.base + "rec:" + name, "data")
+        return list(await pipe.execute())
+
+    async def covering(self, prop: str) -> list[str]:
+        with _redis_errors():
+            members = await self.client.smembers(self.base + "prop:" + prop)
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
     def lock(self, name: str, ttl: float) -> RedisLock:
         return RedisLock(self.client, self.key(name, "lock"), ttl)
 
-    async def changes(self) -> AsyncGenerator[str, None]:
-        """Names published on the channel; raises StoreUnavailable when the link breaks."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
+    async def position(self) -> str:
+        with _redis_errors():
+            entries = await self.client.xrevrange(self.base + "feed", count=1)
+        return _text(entries[0][0]) if entries else "0-0"
+
+    async def changes(self, since: str) -> AsyncGenerator[tuple[str, str | None], None]:
+        """(position, id) for each write after `since`; raises StoreUnavailable on a break."""
+        feed, last = self.base + "feed", since
+        with _redis_errors():
+            if last != "0-0" and not await self.client.xrange(feed, last, last):
+                oldest = await self.client.xrange(feed, count=1)
+                if oldest and _stream_id(_text(oldest[0][0])) > _stream_id(last):
+                    yield last, None  # our position was trimmed away: entries were lost
+        while True:
             with _redis_errors():
-                await pubsub.subscribe(self.channel)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        data = message["data"]
-                        yield data.decode() if isinstance(data, bytes) else str(data)
-            raise StoreUnavailable("Redis subscription ended; changes are found by polling")
-        finally:
-            with contextlib.suppress(RedisError, RedisClusterException, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                answer: Any = await self.client.xread({feed: last}, count=500, block=_FEED_BLOCK_MS)
+            for _, entries in answer or ():
+                for entry_id, fields in entries:
+                    last = _text(entry_id)
+                    yield last, _text(fields.get(b"id", fields.get("id", b"")))
+
+    async def save_state(self, state: str, data: Mapping[str, str]) -> None:
+        with _redis_errors():
+            await self.client.set(
+                self.base + "state:" + state, json.dumps(dict(data)), px=int(STATE_TTL * 1000)
+            )
+
+    async def take_state(self, state: str) -> dict[str, str] | None:
+        with _redis_errors():
+            raw = await self.client.getdel(self.base + "state:" + state)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        with _redis_errors():
+            return bool(
+                await self._lease(keys=[self.base + "outbox:lease"], args=[owner, int(ttl * 1000)])
+            )
+
+    async def outbox_pending(self, limit: int) -> list[Event]:
+        with _redis_errors():
+            ids: list[Any] = list(await self.client.zrange(self.base + "outbox", 0, limit - 1))
+            raws = await self.client.hmget(self.base + "outbox:data", ids) if ids else []
+        return [Event.from_json(raw) for raw in raws if raw is not None]
+
+    async def outbox_done(self, event_id: str) -> None:
+        with _redis_errors():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(self.base + "outbox", event_id)
+            pipe.hdel(self.base + "outbox:data", event_id)
+            await pipe.execute()
+
+    async def outbox_retry(self, event: Event) -> None:
+        with _redis_errors():
+            await self._retry(keys=[self.base + "outbox:data"], args=[event.id, event.to_json()])
+
+    async def touch(self, used: Mapping[str, float]) -> None:
+        if used:
+            with _redis_errors():
+                mapping: dict[Any, Any] = dict(used)
+                await self.client.hset(self.base + "used", mapping=mapping)
+
+    async def last_used(self, names: Sequence[str]) -> dict[str, float]:
+        if not names:
+            return {}
+        with _redis_errors():
+            values = await self.client.hmget(self.base + "used", list(names))
+        return {n: float(v) for n, v in zip(names, values, strict=True) if v is not None}
 
     async def ping(self) -> None:
         with _redis_errors():
@@ -282,37 +435,11 @@ class RedisStore:
                 if self._sentinel is not None:
                     await self._sentinel.aclose()
 
-    def _encode(self, record: TokenRecord) -> dict[str, Any]:
-        data = record.to_json()
-        if self._cipher is not None:
-            for field in ("access_token", "refresh_token"):
-                if data[field] is not None:
-                    data[field] = self._cipher.encrypt(data[field])
-            data["enc"] = 1
-        return data
 
-    def _decode(self, name: str, raw: bytes | str) -> TokenRecord:
-        try:
-            data = json.loads(raw)
-            encrypted = bool(data.pop("enc", 0))
-        except (ValueError, TypeError, AttributeError):
-            raise RecordUnreadable(
-                f"stored record for credential {name!r} is not valid JSON; "
-                "delete it and seed the credential again"
-            ) from None
-        if encrypted:
-            if self._cipher is None:
-                raise RecordUnreadable(
-                    f"stored record for credential {name!r} is encrypted but "
-                    "CBPROXY_ENCRYPTION_KEY is not set; set the key that wrote it"
-                )
-            for field in ("access_token", "refresh_token"):
-                if data.get(field) is not None:
-                    data[field] = self._cipher.decrypt(data[field])
-        try:
-            return TokenRecord.from_json(data)
-        except (KeyError, ValueError, TypeError):
-            raise RecordUnreadable(
-                f"stored record for credential {name!r} is missing fields or malformed; "
-                "delete it and seed the credential again"
-            ) from None
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_id(entry: str) -> tuple[int, int]:
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0)

@@ -2,7 +2,8 @@
 
 Rules (DESIGN.md, "The token lifecycle"):
 - No record, or no refresh token: nothing to do until someone authorises (`NEEDS_AUTH`).
-- `reauthorization_required`: nothing is retried until a new refresh token arrives.
+- `reauthorization_required` or `disconnected`: nothing is retried until a new
+  authorisation arrives. An API key never refreshes.
 - Otherwise refresh at `expires_at - leeway - jitter`: jitter only ever makes it earlier.
   The leeway is capped at half the token's lifetime, so a short-lived token (tests, or a
   leeway set larger than Cloudbeds' lifetime) is still refreshed once per lifetime, not
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from proxy.tokens import State, TokenRecord
+from proxy.tokens import Kind, State, TokenRecord
 
 
 class Action(enum.Enum):
@@ -66,7 +67,7 @@ def decide(
     """What the background refresher should do now."""
     if record is None or record.refresh_token is None:
         return Decision(Action.NEEDS_AUTH)
-    if record.state is State.REAUTHORIZATION_REQUIRED:
+    if record.state is not State.OK or record.kind is Kind.API_KEY:
         return Decision(Action.BLOCKED)
     due = 0.0 if record.access_token is None else refresh_time(record, policy, jitter)
     due = max(due, retry_at)
@@ -79,7 +80,7 @@ def may_force(record: TokenRecord | None, now: float, policy: RefreshPolicy) -> 
     """After a 401 to `record`'s token: refresh unless it is blocked or too new."""
     if record is None or record.refresh_token is None:
         return False
-    if record.state is State.REAUTHORIZATION_REQUIRED:
+    if record.state is not State.OK or record.kind is Kind.API_KEY:
         return False
     age = now - (record.refreshed_at or 0.0)
     if record.forced and age < policy.forced_again_after:

@@ -1,23 +1,45 @@
-"""Where token records live: the interface, and the in-process store for one replica.
+"""Where connections live: the interface, the record codec, and the in-process store.
 
-The Redis store (`proxy.redis_store`) implements the same interface for a fleet.
-Every store obeys one write rule: `put` succeeds only when the record's generation is
-greater than the stored one (or nothing is stored), atomically. Readers and writers
-otherwise never coordinate through the store; the lock does that.
+Three stores implement `TokenStore`: this in-process one (tests, and nothing persisted),
+`proxy.sqlite_store` (one replica, a file: the default without Redis) and
+`proxy.redis_store` (a fleet). Every store obeys the same rules:
+
+- `put` succeeds only when the record's generation is greater than the stored one (or
+  nothing is stored), atomically with the events it carries (the outbox) and the indexes
+  (by app, by property). Which record wins after a refusal is `proxy.tokens.resolve`.
+- Every successful `put` appends the connection id to the change feed; `changes()` follows
+  it from a position, so a follower that lost its link resumes where it was. An id of
+  `None` means "the feed lost entries you had not read: reread everything".
+- An install state is single use and lives 10 minutes (`save_state`, `take_state`).
+- Outbox events are delivered by the one replica that holds the outbox lease.
+- Records are encoded by `RecordCodec`: with a cipher, tokens are ciphertext at rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from proxy.clock import Clock, system_clock
+from proxy.crypto import TokenCipher
+from proxy.errors import RecordUnreadable
+from proxy.events import Event
 from proxy.tokens import TokenRecord
+
+STATE_TTL = 600.0
+"""Seconds an install state lives: as long as the authorization code it protects."""
+_SECRET_FIELDS = ("access_token", "refresh_token")
+
+Page = tuple[list[tuple[str, TokenRecord]], str | None]
+"""(id and record pairs in id order, the cursor of the next page or None)."""
 
 
 class RefreshLock(Protocol):
-    """A lock for one credential's refresh, held by one owner at a time."""
+    """A lock for one connection's refresh, held by one owner at a time."""
 
     async def acquire(self) -> bool:
         """Try once, without blocking; True when this owner now holds the lock."""
@@ -28,24 +50,110 @@ class RefreshLock(Protocol):
 
 class TokenStore(Protocol):
     shared: bool
-    """True when other processes see the same records (Redis)."""
+    """True when other processes see the same records at once (Redis)."""
 
     async def load(self, name: str) -> TokenRecord | None:
-        """The stored record for credential `name`, or None."""
+        """The stored record of connection `name`, or None."""
 
-    async def put(self, name: str, record: TokenRecord) -> bool:
-        """Store `record` iff its generation exceeds the stored one; publish the change."""
+    async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
+        """Store `record` iff its generation exceeds the stored one, with `events`."""
+
+    async def page(
+        self, *, app: str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Page:
+        """Connections in id order after `cursor`, optionally of one app."""
+
+    async def covering(self, prop: str) -> list[str]:
+        """Ids of the connections whose record lists property `prop`."""
 
     def lock(self, name: str, ttl: float) -> RefreshLock:
         """A new lock object for one acquisition of `name`'s refresh lock."""
 
-    def changes(self) -> AsyncIterator[str]:
-        """Names of credentials whose record changed, as other writers publish them."""
+    async def position(self) -> str:
+        """The change feed's current end, to follow it from there."""
+
+    def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+        """(position, id) for each write after `since`; id None: entries were lost."""
+
+    async def save_state(self, state: str, data: Mapping[str, str]) -> None:
+        """Keep an install state for `STATE_TTL` seconds."""
+
+    async def take_state(self, state: str) -> dict[str, str] | None:
+        """The state's data, removing it (single use); None if unknown or expired."""
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        """Take or renew the right to deliver events; True while `owner` holds it."""
+
+    async def outbox_pending(self, limit: int) -> list[Event]:
+        """Undelivered events, oldest first."""
+
+    async def outbox_done(self, event_id: str) -> None: ...
+
+    async def outbox_retry(self, event: Event) -> None:
+        """Store the event's new attempt count and next attempt time."""
+
+    async def touch(self, used: Mapping[str, float]) -> None:
+        """Record when connections were last used (batched by the caller)."""
+
+    async def last_used(self, names: Sequence[str]) -> dict[str, float]: ...
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` when the store cannot be reached."""
 
     async def close(self) -> None: ...
+
+
+class RecordCodec:
+    """A record as stored text: JSON, its tokens encrypted when a cipher is set.
+
+    An encrypted record carries `"enc": 1`. A plaintext record still reads with a cipher
+    (migration: the next write encrypts it); an encrypted one never reads without.
+    """
+
+    def __init__(self, cipher: TokenCipher | None) -> None:
+        self._cipher = cipher
+
+    def encode(self, record: TokenRecord) -> str:
+        data = record.to_json()
+        if self._cipher is not None:
+            for field in _SECRET_FIELDS:
+                if data[field] is not None:
+                    data[field] = self._cipher.encrypt(data[field])
+            data["enc"] = 1
+        return json.dumps(data, separators=(",", ":"))
+
+    def decode(self, name: str, raw: bytes | str) -> TokenRecord:
+        try:
+            data = json.loads(raw)
+            encrypted = bool(data.pop("enc", 0))
+        except (ValueError, TypeError, AttributeError):
+            raise RecordUnreadable(
+                f"stored record for connection {name!r} is not valid JSON; "
+                "restore it from a backup or authorise the connection again"
+            ) from None
+        if encrypted:
+            if self._cipher is None:
+                raise RecordUnreadable(
+                    f"stored record for connection {name!r} is encrypted but "
+                    "CBPROXY_ENCRYPTION_KEY is not set; set the key that wrote it"
+                )
+            for field in _SECRET_FIELDS:
+                if data.get(field) is not None:
+                    data[field] = self._cipher.decrypt(data[field])
+        try:
+            return TokenRecord.from_json(data)
+        except (KeyError, ValueError, TypeError):
+            raise RecordUnreadable(
+                f"stored record for connection {name!r} is missing fields or malformed; "
+                "restore it from a backup or authorise the connection again"
+            ) from None
+
+
+def after(names: Iterable[str], cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+    """One page of sorted `names` after `cursor`, and the next page's cursor."""
+    chosen = sorted(n for n in names if cursor is None or n > cursor)
+    page = chosen[:limit]
+    return page, (page[-1] if len(chosen) > limit else None)
 
 
 class _MemoryLock:
@@ -66,38 +174,93 @@ class _MemoryLock:
 
 
 class MemoryStore:
-    """The default store: one process, nothing persisted."""
+    """One process, nothing persisted: for tests and throwaway runs."""
 
     shared = False
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = system_clock) -> None:
+        self._clock = clock
         self._records: dict[str, TokenRecord] = {}
         self._held: set[str] = set()
-        self._queues: set[asyncio.Queue[str]] = set()
+        self._feed: list[str] = []
+        self._grew = asyncio.Condition()
+        self._states: dict[str, tuple[float, dict[str, str]]] = {}
+        self._outbox: dict[str, Event] = {}
+        self._lease: tuple[str, float] = ("", 0.0)
+        self._used: dict[str, float] = {}
 
     async def load(self, name: str) -> TokenRecord | None:
         return self._records.get(name)
 
-    async def put(self, name: str, record: TokenRecord) -> bool:
+    async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
         current = self._records.get(name)
         if current is not None and record.generation <= current.generation:
             return False
         self._records[name] = record
-        for queue in self._queues:
-            queue.put_nowait(name)
+        self._outbox.update((event.id, event) for event in events)
+        self._feed.append(name)
+        async with self._grew:
+            self._grew.notify_all()
         return True
+
+    async def page(
+        self, *, app: str | None = None, cursor: str | None = None, limit: int = 100
+    ) -> Page:
+        names = (n for n, r in self._records.items() if app is None or r.app == app)
+        chosen, following = after(names, cursor, limit)
+        return [(n, self._records[n]) for n in chosen], following
+
+    async def covering(self, prop: str) -> list[str]:
+        return sorted(n for n, r in self._records.items() if prop in r.properties)
 
     def lock(self, name: str, ttl: float) -> RefreshLock:
         return _MemoryLock(self._held, name)
 
-    async def changes(self) -> AsyncIterator[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queues.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._queues.discard(queue)
+    async def position(self) -> str:
+        return str(len(self._feed))
+
+    async def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+        seen = int(since)
+        while True:
+            async with self._grew:
+                await self._grew.wait_for(functools.partial(self._newer, seen))
+            while seen < len(self._feed):
+                seen += 1
+                yield str(seen), self._feed[seen - 1]
+
+    def _newer(self, seen: int) -> bool:
+        return len(self._feed) > seen
+
+    async def save_state(self, state: str, data: Mapping[str, str]) -> None:
+        self._states[state] = (self._clock() + STATE_TTL, dict(data))
+
+    async def take_state(self, state: str) -> dict[str, str] | None:
+        expires_at, data = self._states.pop(state, (0.0, {}))
+        return data if self._clock() < expires_at else None
+
+    async def outbox_lease(self, owner: str, ttl: float) -> bool:
+        holder, until = self._lease
+        if holder not in ("", owner) and self._clock() < until:
+            return False
+        self._lease = (owner, self._clock() + ttl)
+        return True
+
+    async def outbox_pending(self, limit: int) -> list[Event]:
+        return list(self._outbox.values())[:limit]
+
+    async def outbox_done(self, event_id: str) -> None:
+        self._outbox.pop(event_id, None)
+
+    async def outbox_retry(self, event: Event) -> None:
+        if event.id in self._outbox:
+            self._outbox[event.id] = event
+
+    async def touch(self, used: Mapping[str, float]) -> None:
+        for name, at in used.items():
+            self._used[name] = max(at, self._used.get(name, 0.0))
+
+    async def last_used(self, names: Sequence[str]) -> dict[str, float]:
+        return {n: self._used[n] for n in names if n in self._used}
 
     async def ping(self) -> None:
         return None

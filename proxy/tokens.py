@@ -1,26 +1,38 @@
 """The token record: one per credential, the unit that the store keeps and replicas share.
 
-Rules (DESIGN.md, "The token lifecycle"):
+A record is one connection: a configured credential (`app` None, id = its name) or one
+property's (or group's) installation of an app. Its credential is an OAuth token pair, or a
+static API key (`kind` api_key: the key is `access_token`, it never expires or refreshes).
 
-- A record is `ok` or `reauthorization_required`. Only a new refresh token (OAuth callback,
-  `auth exchange`, or a seed different from the rejected one) leaves the second state.
+Rules (DESIGN.md, "The token lifecycle" and "Many properties"):
+
+- A record is `ok`, `reauthorization_required` or `disconnected`. Only a new authorisation
+  (an install, an import, `auth exchange`, or a seed different from the rejected one) leaves
+  the last two; nothing refreshes a record that is not `ok`.
 - `expires_at` is absolute epoch seconds, computed from each response's `expires_in`.
 - `generation` only grows. A store write whose generation is not greater than the stored
   one is refused, so a slow or stale writer can never replace a newer token.
 - A token is usable until `expires_at`; it is never sent once expired.
-- A grant and a refusal made from the same record: the grant wins (`grant_outranks`).
+- Which record wins a write that the store refused is decided in one place, `resolve`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 
 class State(enum.StrEnum):
     OK = "ok"
     REAUTHORIZATION_REQUIRED = "reauthorization_required"
+    DISCONNECTED = "disconnected"
+
+
+class Kind(enum.StrEnum):
+    OAUTH = "oauth"
+    API_KEY = "api_key"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +47,20 @@ class TokenRecord:
     """Property ids the token covers, learned from the token response's `resources`."""
     forced: bool = False
     """The token came from a refresh forced by a 401 rather than by its age."""
+    app: str | None = None
+    """The app a connection belongs to; None for a credential from the configuration."""
+    kind: Kind = Kind.OAUTH
+    association: str | None = None
+    """The group (association) id for a group installation."""
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    created_at: float | None = None
+    updated_at: float | None = None
 
     def usable(self, now: float) -> bool:
         """True when the access token may still be sent upstream."""
-        return self.access_token is not None and now < self.expires_at
+        if self.access_token is None or self.state is State.DISCONNECTED:
+            return False
+        return self.kind is Kind.API_KEY or now < self.expires_at
 
     def seconds_left(self, now: float) -> float:
         return max(0.0, self.expires_at - now) if self.access_token else 0.0
@@ -50,7 +72,9 @@ class TokenRecord:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["state"] = self.state.value
+        data["kind"] = self.kind.value
         data["properties"] = list(self.properties)
+        data["metadata"] = dict(self.metadata)
         return data
 
     @classmethod
@@ -64,12 +88,36 @@ class TokenRecord:
             refreshed_at=data.get("refreshed_at"),
             properties=tuple(str(p) for p in data.get("properties", ())),
             forced=bool(data.get("forced", False)),
+            app=data.get("app"),
+            kind=Kind(data.get("kind", Kind.OAUTH)),
+            association=data.get("association"),
+            metadata=dict(data.get("metadata") or {}),
+            created_at=data.get("created_at"),
+            updated_at=data.get("updated_at"),
         )
+
+    def view(self, connection_id: str, last_used_at: float | None = None) -> dict[str, Any]:
+        """The connection as the admin API, events and status show it: never a secret."""
+        api_key = self.kind is Kind.API_KEY
+        return {
+            "id": connection_id,
+            "app": self.app,
+            "kind": self.kind.value,
+            "state": self.state.value,
+            "properties": list(self.properties),
+            "metadata": dict(self.metadata),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_used_at": last_used_at,
+            "expires_at": None if api_key or not self.access_token else self.expires_at,
+            "generation": self.generation,
+        }
 
     def __repr__(self) -> str:
         # Never let a token reach a log line or traceback through repr().
         return (
-            f"TokenRecord(generation={self.generation}, state={self.state.value}, "
+            f"TokenRecord(app={self.app!r}, kind={self.kind.value}, "
+            f"generation={self.generation}, state={self.state.value}, "
             f"expires_at={self.expires_at}, has_access_token={self.access_token is not None}, "
             f"has_refresh_token={self.refresh_token is not None})"
         )
@@ -82,19 +130,51 @@ def seed_record(refresh_token: str, generation: int = 0) -> TokenRecord:
     )
 
 
-def grant_outranks(mine: TokenRecord, stored: TokenRecord) -> bool:
-    """True when `mine` (a token Cloudbeds issued) must replace `stored`, a refusal.
+class Write(enum.Enum):
+    """What a writer was doing when the store refused its record (a newer one was stored)."""
 
-    Two replicas can refresh from the same record: one whose lock expired mid call, or
-    each one while Redis is down. With rotating refresh tokens Cloudbeds then refuses
-    the second call (`invalid_grant`: the first rotated the token away). Both write
-    generation n+1, and whichever lands first wins the compare-and-set; a refusal that
-    wins would block the fleet and lose the refresh token Cloudbeds just returned.
+    REFRESH = "refresh"
+    """A token call's result, or a refusal of it, made from an older record."""
+    AUTHORIZATION = "authorization"
+    """A new grant from a human or Cloudbeds: an install, an import, a code exchange, a seed."""
+    CHANGE = "change"
+    """An edit of the stored record (metadata, disconnect, migration): made again on top."""
+
+
+class Outcome(enum.Enum):
+    ADOPT = "adopt"
+    """Keep the stored record; drop mine."""
+    REBASE = "rebase"
+    """Write mine once more, one generation above the stored one."""
+    REAPPLY = "reapply"
+    """Apply the same edit to the stored record and write that."""
+
+
+def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
+    """Which record wins when the store refused `mine` because `stored` is as new or newer.
+
+    - An edit is made again on the stored record: it was meant for whatever is current.
+    - An authorisation wins over anything written meanwhile: a human or Cloudbeds just
+      granted it, and the grant exists nowhere else.
+    - A disconnected record is never replaced by a refresh: the property left.
+    - A grant wins over a refusal made from the same record: two replicas can refresh from
+      one record (one whose lock expired mid call, or each while Redis is down); with
+      rotating refresh tokens Cloudbeds refuses the second call (the first rotated the
+      token away). Both write generation n+1; a refusal that lands first would block the
+      fleet and lose the refresh token Cloudbeds just returned.
+    - Otherwise the stored record is newer: adopt it.
     """
-    return (
+    if write is Write.CHANGE:
+        return Outcome.REAPPLY
+    if write is Write.AUTHORIZATION:
+        return Outcome.REBASE
+    if stored.state is State.DISCONNECTED:
+        return Outcome.ADOPT
+    outranks = (
         mine.generation == stored.generation
         and mine.state is State.OK
         and mine.access_token is not None
         and stored.state is State.REAUTHORIZATION_REQUIRED
         and stored.refresh_token != mine.refresh_token
     )
+    return Outcome.REBASE if outranks else Outcome.ADOPT

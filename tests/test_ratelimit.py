@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from proxy.clock import FakeClock
-from proxy.errors import RateLimited, UnknownCredential
+from proxy.errors import RateLimited, UnknownConnection
 from proxy.metrics import Metrics
 from proxy.ratelimit import (
     Admit,
@@ -221,7 +221,7 @@ async def test_rate_zero_is_off_and_unknown_credential_is_an_error() -> None:
         is None
     )
     assert limiter.mode == "shared"
-    with pytest.raises(UnknownCredential):
+    with pytest.raises(UnknownConnection):
         await limiter.admit("nobody")
 
 

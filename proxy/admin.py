@@ -1,0 +1,144 @@
+"""The admin API, `/_proxy/admin/connections`: list, show, import, edit, delete, refresh, migrate.
+
+Rules (DESIGN.md, "Many properties"):
+- Every call carries `Authorization: Bearer <CBPROXY_ADMIN_TOKEN>`, compared in constant
+  time; without one configured the API answers 403 `admin_disabled`, with a wrong or
+  missing token 401 `admin_unauthorized`.
+- A connection is shown as its public view (never a secret); `GET` pages with `?limit=`
+  (at most 500) and `?cursor=`, filtered by `?app=`, `?property=` and `?state=`. A page
+  may hold fewer than `limit` connections when a filter drops some: follow `next_cursor`
+  until it is null.
+- The work itself is `proxy.connections`; handlers parse, authorise and shape answers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from proxy.config import CONNECTION_ID
+from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection
+from proxy.tokens import State, TokenRecord
+
+if TYPE_CHECKING:
+    from proxy.app import Runtime
+
+MAX_LIMIT = 500
+PREFIX = "/_proxy/admin/connections"
+
+
+def _runtime(request: web.Request) -> Runtime:
+    from proxy.app import RUNTIME  # noqa: PLC0415 - app imports this module
+
+    runtime = request.app[RUNTIME]
+    token = runtime.settings.admin_token
+    if not token:
+        raise AdminDisabled("the admin API is off: set CBPROXY_ADMIN_TOKEN to turn it on")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise AdminUnauthorized("send Authorization: Bearer <CBPROXY_ADMIN_TOKEN>")
+    return runtime
+
+
+async def _views(runtime: Runtime, pairs: list[tuple[str, TokenRecord]]) -> list[dict[str, Any]]:
+    used = await runtime.store.last_used([name for name, _ in pairs])
+    return [record.view(name, used.get(name)) for name, record in pairs]
+
+
+async def _answer(
+    runtime: Runtime, name: str, record: TokenRecord, status: int = 200
+) -> web.Response:
+    (view,) = await _views(runtime, [(name, record)])
+    return web.json_response({"connection": view}, status=status)
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise InvalidConnection(f"limit: a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+async def list_connections(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    query, limit = request.query, _limit(request)
+    app, prop, cursor = query.get("app"), query.get("property"), query.get("cursor") or None
+    state = query.get("state")
+    if state is not None and state not in {s.value for s in State}:
+        raise InvalidConnection(f"state: one of {', '.join(s.value for s in State)}")
+    if prop is not None:
+        names = [n for n in await runtime.store.covering(prop) if cursor is None or n > cursor]
+        chosen = names[:limit]
+        following = chosen[-1] if len(names) > limit else None
+        pairs = [(n, r) for n in chosen if (r := await runtime.store.load(n)) is not None]
+    else:
+        pairs, following = await runtime.store.page(app=app, cursor=cursor, limit=limit)
+    pairs = [
+        (n, r)
+        for n, r in pairs
+        if (app is None or r.app == app) and (state is None or r.state.value == state)
+    ]
+    views = await _views(runtime, pairs)
+    return web.json_response({"connections": views, "next_cursor": following})
+
+
+def _id(request: web.Request) -> str:
+    name = request.match_info["id"]
+    if not CONNECTION_ID.fullmatch(name):
+        raise InvalidConnection("a connection id uses 1 to 128 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidConnection("the body is not valid JSON") from None
+
+
+async def show(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    return await _answer(runtime, name, await runtime.connections.get(name))
+
+
+async def put(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    record, created = await runtime.connections.put(name, await _json(request))
+    return await _answer(runtime, name, record, 201 if created else 200)
+
+
+async def patch(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    return await _answer(runtime, name, await runtime.connections.patch(name, await _json(request)))
+
+
+async def delete(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    await runtime.connections.delete(name)
+    return web.Response(status=204)
+
+
+async def refresh(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    return await _answer(runtime, name, await runtime.connections.refresh(name))
+
+
+async def migrate(request: web.Request) -> web.Response:
+    runtime, name = _runtime(request), _id(request)
+    return await _answer(runtime, name, await runtime.connections.migrate(name))
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get(PREFIX, list_connections)
+    one = PREFIX + "/{id}"
+    router.add_get(one, show)
+    router.add_put(one, put)
+    router.add_patch(one, patch)
+    router.add_delete(one, delete)
+    router.add_post(one + "/refresh", refresh)
+    router.add_post(one + "/migrate-to-api-key", migrate)

@@ -1,0 +1,121 @@
+"""Connection events, sans-I/O: what an event is, how it is signed, when it is retried.
+
+Rules (DESIGN.md, "Events"; the signature scheme follows Stripe's webhook signatures):
+
+- An event is `{"id": uuid, "type": ..., "occurred_at": unix, "connection": {...}}`; the
+  connection is its public view (never a secret). Receivers deduplicate by `id`.
+- An event is written to the store's outbox in the same operation as the change it
+  reports (so a crash between the two loses nothing), then delivered from there.
+- The signature header is `X-Cloudbeds-Proxy-Signature: t=UNIX,v1=HEX`, HEX being
+  HMAC-SHA256 of `"{t}.{body}"` under the events secret.
+- A failed delivery is retried with capped exponential backoff and jitter for 24 hours
+  after the event occurred, then dropped (logged).
+- Per connection, events are delivered in order: an event waits while an earlier event of
+  the same connection is still undelivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+SIGNATURE_HEADER = "X-Cloudbeds-Proxy-Signature"
+RETRY_FOR = 24 * 3600.0
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 600.0
+
+
+class EventType(enum.StrEnum):
+    CREATED = "connection.created"
+    REINSTALLED = "connection.reinstalled"
+    REAUTHORIZATION_REQUIRED = "connection.reauthorization_required"
+    RECOVERED = "connection.recovered"
+    DISCONNECTED = "connection.disconnected"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: EventType
+    occurred_at: float
+    connection: dict[str, Any]
+    attempts: int = 0
+    next_at: float = 0.0
+    """When the next delivery may be tried (0: at once)."""
+
+    @property
+    def connection_id(self) -> str:
+        return str(self.connection.get("id", ""))
+
+    def body(self) -> bytes:
+        """The bytes POSTed to the receiver (and signed)."""
+        payload = {
+            "id": self.id,
+            "type": self.type.value,
+            "occurred_at": self.occurred_at,
+            "connection": self.connection,
+        }
+        return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["type"] = self.type.value
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Event:
+        data = json.loads(raw)
+        data["type"] = EventType(data["type"])
+        return cls(**data)
+
+
+def new_event(type_: EventType, connection: dict[str, Any], now: float) -> Event:
+    return Event(id=str(uuid.uuid4()), type=type_, occurred_at=round(now, 3), connection=connection)
+
+
+def sign(secret: str, body: bytes, t: int) -> str:
+    """The signature header's value for `body` sent at unix time `t`."""
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(secret: str, body: bytes, header: str, now: float, tolerance: float = 300.0) -> bool:
+    """What a receiver checks: a v1 signature of this body, made within `tolerance` seconds."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        t = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - t) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, body, t), f"t={t},v1={fields.get('v1', '')}")
+
+
+def retry(event: Event, now: float, jitter: float) -> Event | None:
+    """The event rescheduled after a failed delivery, or None once 24 hours have passed."""
+    if now - event.occurred_at >= RETRY_FOR:
+        return None
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**event.attempts)
+    delay = ceiling * (0.5 + jitter / 2)
+    return dataclasses.replace(event, attempts=event.attempts + 1, next_at=now + delay)
+
+
+def deliverable(pending: Iterable[Event], now: float) -> list[Event]:
+    """Events to deliver now, oldest first: due, and no earlier event of theirs waiting."""
+    blocked: set[str] = set()
+    due = []
+    for event in pending:
+        if event.connection_id in blocked:
+            continue
+        if event.next_at > now:
+            blocked.add(event.connection_id)
+            continue
+        due.append(event)
+        blocked.add(event.connection_id)  # one per connection per round keeps the order
+    return due

@@ -1,0 +1,249 @@
+"""Every connection this replica serves, found by id or by property, kept current from the store.
+
+- At start: the configured credentials (`[credentials.NAME]`, `CBPROXY_*`), then every
+  stored connection of a configured app, page by page.
+- Then the store's change feed: a connection written anywhere in the fleet (an install, an
+  import, a refresh, a delete) is created or reloaded here within a feed read. A follower
+  that lost entries (its position was trimmed away) rereads every record once.
+- Routing (DESIGN.md, "Routing a request"): `X-Cloudbeds-Connection` (or
+  `X-Cloudbeds-Credential`), else `X-PROPERTY-ID` (its first id), else the `propertyID` or
+  first `propertyIDs` query parameter, else `default`. Lookups are dictionary reads: the
+  same cost at 10 connections as at 10,000. Bodies are never parsed for routing.
+- A property no connection covers is 404 `unknown_property`, except in the
+  single-credential setup (a `default` credential and no apps), where it goes to `default`
+  as it always has; one covered by several connections is 409 `ambiguous_property`
+  unless `X-Cloudbeds-App` narrows it to one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from proxy.clock import Clock
+from proxy.config import DEFAULT_CREDENTIAL, CredentialSettings, Settings
+from proxy.credentials import Credential
+from proxy.errors import (
+    AmbiguousProperty,
+    ConnectionRequired,
+    StoreUnavailable,
+    UnknownConnection,
+    UnknownProperty,
+)
+from proxy.headers import APP_SELECTOR, CONNECTION_SELECTORS
+from proxy.metrics import Metrics
+from proxy.store import TokenStore
+from proxy.tokens import TokenRecord
+
+log = structlog.get_logger("proxy.registry")
+MakeCredential = Callable[[CredentialSettings], Credential]
+_PAGE = 500
+
+
+class Registry:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TokenStore,
+        make: MakeCredential,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self._settings, self._store, self._make, self._metrics = settings, store, make, metrics
+        self._clock = clock
+        self._used: dict[str, float] = {}
+        self.connections: dict[str, Credential] = {}
+        self._covered: dict[str, tuple[str, ...]] = {}
+        self._by_property: dict[str, set[str]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._position = "0"
+        self._unknown_apps: set[str] = set()
+
+    @property
+    def default(self) -> Credential | None:
+        return self.connections.get(DEFAULT_CREDENTIAL)
+
+    async def start(self) -> None:
+        """Configured credentials first, then every stored connection of a configured app."""
+        try:
+            self._position = await self._store.position()
+        except StoreUnavailable as exc:
+            log.warning("store.unavailable.at_start", error=exc.message)
+        for cred in self._settings.credentials:
+            await self._add(cred, None)
+        with contextlib.suppress(StoreUnavailable):
+            await self.reread()
+
+    async def reread(self) -> None:
+        """Every stored record once: at start, and when the change feed lost entries."""
+        cursor: str | None = None
+        while True:
+            records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
+            for name, record in records:
+                await self.apply(name, record)
+            if cursor is None:
+                return
+
+    async def changed(self, name: str) -> None:
+        """The store reports a write of `name`: reload or create it here."""
+        credential = self.connections.get(name)
+        if credential is not None:
+            await credential.reload()
+            self._index(name, credential.properties)
+            return
+        record = await self._store.load(name)
+        if record is not None:
+            await self.apply(name, record)
+
+    async def apply(self, name: str, record: TokenRecord) -> Credential | None:
+        """Make `record` current for connection `name`, creating the connection if new."""
+        credential = self.connections.get(name)
+        if credential is not None and record.app and record.kind is not credential.settings.kind:
+            await self._remove(name)  # migrated to an API key: a credential of the other kind
+            credential = None
+        if credential is None:
+            app = self._settings.app(record.app) if record.app else None
+            if app is None:
+                self._skip(name, record)
+                return None
+            settings = dataclasses.replace(app.connection(name), kind=record.kind)
+            credential = await self._add(settings, record)
+        else:
+            credential.adopt(record)
+        self._index(name, credential.properties)
+        return credential
+
+    def _skip(self, name: str, record: TokenRecord) -> None:
+        if record.app and record.app not in self._unknown_apps:
+            self._unknown_apps.add(record.app)
+            log.warning(
+                "connection.app_unknown",
+                connection=name,
+                app=record.app,
+                action=f"add [apps.{record.app}] to the configuration to serve its connections",
+            )
+
+    async def _add(self, settings: CredentialSettings, record: TokenRecord | None) -> Credential:
+        credential = self._make(settings)
+        if record is not None:
+            credential.adopt(record)
+        await credential.start()
+        self.connections[settings.name] = credential
+        self._tasks[settings.name] = asyncio.create_task(
+            credential.run(), name=f"refresh:{settings.name}"
+        )
+        self._index(settings.name, credential.properties)
+        return credential
+
+    async def _remove(self, name: str) -> None:
+        credential = self.connections.pop(name)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await credential.stop(0.0)
+
+    def _index(self, name: str, properties: tuple[str, ...]) -> None:
+        old = self._covered.get(name, ())
+        if old == properties:
+            return
+        for prop in old:
+            ids = self._by_property.get(prop)
+            if ids is not None:
+                ids.discard(name)
+                if not ids:
+                    del self._by_property[prop]
+        for prop in properties:
+            self._by_property.setdefault(prop, set()).add(name)
+        self._covered[name] = properties
+
+    async def follow(self) -> None:
+        """Apply the change feed until cancelled; resume where it was after a broken link."""
+        delay = 0.5
+        while True:
+            try:
+                async for position, name in self._store.changes(self._position):
+                    delay = 0.5
+                    if name is None:
+                        await self.reread()
+                    else:
+                        with contextlib.suppress(StoreUnavailable):
+                            await self.changed(name)
+                    self._position = position
+            except StoreUnavailable:
+                self._metrics.redis_errors.labels("feed").inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def route(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Credential:
+        """The connection a request is for (see the rules at the top of this module)."""
+        for selector in CONNECTION_SELECTORS:
+            name = headers.get(selector)
+            if name is not None:
+                credential = self.connections.get(name)
+                if credential is None:
+                    raise UnknownConnection(
+                        f"{selector}: no connection {name[:128]!r}; list them at "
+                        "/_proxy/admin/connections"
+                    )
+                return credential
+        prop = _property(headers, query)
+        if prop is None:
+            if self.default is None:
+                raise ConnectionRequired(
+                    "no connection selected: send X-Cloudbeds-Connection, X-PROPERTY-ID or a "
+                    "propertyID parameter (no default credential is configured)"
+                )
+            return self.default
+        return self._by_prop(prop, headers.get(APP_SELECTOR))
+
+    def _by_prop(self, prop: str, app: str | None) -> Credential:
+        ids = self._by_property.get(prop, set())
+        if app is not None:
+            ids = {i for i in ids if self.connections[i].settings.app == app}
+        if not ids:
+            if self.default is not None and not self._settings.apps:
+                return self.default
+            where = f" of app {app[:64]!r}" if app is not None else ""
+            raise UnknownProperty(
+                f"no connection{where} covers property {prop[:64]!r}; the property must "
+                "install the app first"
+            )
+        if len(ids) > 1:
+            raise AmbiguousProperty(
+                f"property {prop[:64]!r} is covered by connections {', '.join(sorted(ids))}; "
+                "send X-Cloudbeds-App or X-Cloudbeds-Connection to pick one"
+            )
+        return self.connections[next(iter(ids))]
+
+    def used(self, name: str) -> None:
+        """Note that a request used connection `name` (written in batches by `flush_used`)."""
+        self._used[name] = self._clock()
+
+    async def flush_used(self) -> None:
+        """Write the batch of last-used times; kept for the next try if the store is down."""
+        batch, self._used = self._used, {}
+        try:
+            await self._store.touch(batch)
+        except StoreUnavailable:
+            self._used = {**batch, **self._used}
+
+    async def stop(self, timeout: float) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*(c.stop(timeout) for c in self.connections.values()))
+
+
+def _property(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The property a request names: header first, then the query (the v1.3 SDK's GETs)."""
+    for value in (headers.get("X-PROPERTY-ID"), query.get("propertyID"), query.get("propertyIDs")):
+        if value:
+            first = value.split(",", 1)[0].strip()
+            if first:
+                return first
+    return None
