@@ -39,6 +39,7 @@ Requests under `/_fake/` (the control surface) are not recorded in `requests_see
 
 from proxy.fake_cloudbeds.app import create_fake_app
 from proxy.fake_cloudbeds.extras import large_body
-from proxy.fake_cloudbeds.state import FAKE_STATE, App, FakeCloudbeds, Grant
+from proxy.fake_cloudbeds.installs import App, Grant
+from proxy.fake_cloudbeds.state import FAKE_STATE, FakeCloudbeds
 
 __all__ = ["FAKE_STATE", "App", "FakeCloudbeds", "Grant", "create_fake_app", "large_body"]

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from proxy.fake_cloudbeds.state import FakeCloudbeds, Grant, state_of
+from proxy.fake_cloudbeds.installs import Grant
+from proxy.fake_cloudbeds.state import FakeCloudbeds, state_of
 
 CHUNK = 64 * 1024
 WRONG_PROPERTY = "None of the included property id's match the access_token user's property id"

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from proxy.fake_cloudbeds import api, extras, oauth
 from proxy.fake_cloudbeds.api import Handler
-from proxy.fake_cloudbeds.state import FAKE_STATE, SWITCHES, FakeCloudbeds, Grant, state_of
+from proxy.fake_cloudbeds.installs import Grant
+from proxy.fake_cloudbeds.state import FAKE_STATE, SWITCHES, FakeCloudbeds, state_of
 
 MAX_BODY = 200 * 1024 * 1024
 VERSION = r"{version:v1\.[123]}"

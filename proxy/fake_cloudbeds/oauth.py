@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.fake_cloudbeds.state import FakeCloudbeds, Grant, state_of
+from proxy.fake_cloudbeds.installs import Grant
+from proxy.fake_cloudbeds.state import FakeCloudbeds, state_of
 
 API_KEY_GRANT = "urn:ietf:params:oauth:grant-type:api-key"
 EXCHANGE_GRANT = "refresh_token_exchange"
