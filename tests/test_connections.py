@@ -123,6 +123,11 @@ async def test_marketplace_install_creates_a_connection_routed_by_property(
         assert body["data"][0]["propertyID"] == "3001"
         assert state.api_log[-1]["client_id"] == PARTNER[0]
         assert state.api_log[-1]["properties"] == ["3001"]
+    status, metrics, _ = await call("GET", f"{proxy}/_proxy/metrics")
+    assert 'cbproxy_connections{app="partner",state="ok"} 1.0' in metrics
+    assert "partner.property.3001" not in metrics  # no series per connection
+    status, body, _ = await call("GET", f"{proxy}/_proxy/readyz")
+    assert body["connections"] == {"partner": {"ok": 1}}
     # The fake's default credential still serves requests that name no property.
     status, body, _ = await call("GET", proxy + API)
     assert status == 200
