@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from proxy.config import CONNECTION_ID
-from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection
+from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection, RecordUnreadable
 from proxy.tokens import State, TokenRecord
 
 if TYPE_CHECKING:
@@ -45,9 +45,16 @@ def _runtime(request: web.Request) -> Runtime:
     return runtime
 
 
-async def _views(runtime: Runtime, pairs: list[tuple[str, TokenRecord]]) -> list[dict[str, Any]]:
+async def _views(
+    runtime: Runtime, pairs: list[tuple[str, TokenRecord | RecordUnreadable]]
+) -> list[dict[str, Any]]:
     used = await runtime.store.last_used([name for name, _ in pairs])
-    return [record.view(name, used.get(name)) for name, record in pairs]
+    return [
+        {"id": name, "state": "store_unreadable", "error": record.message}
+        if isinstance(record, RecordUnreadable)
+        else record.view(name, used.get(name))
+        for name, record in pairs
+    ]
 
 
 async def _answer(
@@ -69,22 +76,33 @@ async def list_connections(request: web.Request) -> web.Response:
     query, limit = request.query, _limit(request)
     app, prop, cursor = query.get("app"), query.get("property"), query.get("cursor") or None
     state = query.get("state")
-    if state is not None and state not in {s.value for s in State}:
-        raise InvalidConnection(f"state: one of {', '.join(s.value for s in State)}")
+    states = [*(s.value for s in State), "store_unreadable"]
+    if state is not None and state not in states:
+        raise InvalidConnection(f"state: one of {', '.join(states)}")
     if prop is not None:
         names = [n for n in await runtime.store.covering(prop) if cursor is None or n > cursor]
         chosen = names[:limit]
         following = chosen[-1] if len(names) > limit else None
-        pairs = [(n, r) for n in chosen if (r := await runtime.store.load(n)) is not None]
+        pairs: list[tuple[str, TokenRecord | RecordUnreadable]] = []
+        for name in chosen:
+            try:
+                found = await runtime.store.load(name)
+            except RecordUnreadable as exc:
+                pairs.append((name, exc))
+                continue
+            if found is not None:
+                pairs.append((name, found))
     else:
         pairs, following = await runtime.store.page(app=app, cursor=cursor, limit=limit)
-    pairs = [
-        (n, r)
-        for n, r in pairs
-        if (app is None or r.app == app) and (state is None or r.state.value == state)
-    ]
+    pairs = [(n, r) for n, r in pairs if _matches(r, app, state)]
     views = await _views(runtime, pairs)
     return web.json_response({"connections": views, "next_cursor": following})
+
+
+def _matches(record: TokenRecord | RecordUnreadable, app: str | None, state: str | None) -> bool:
+    if isinstance(record, RecordUnreadable):
+        return state in (None, "store_unreadable")
+    return (app is None or record.app == app) and (state is None or record.state.value == state)
 
 
 def _id(request: web.Request) -> str:

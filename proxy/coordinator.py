@@ -130,6 +130,12 @@ class OAuthCredential:
                 "app again before requests can use it"
             )
         if record is not None and record.state is State.REAUTHORIZATION_REQUIRED:
+            if self.settings.app is not None:
+                raise ReauthorizationRequired(
+                    f"Cloudbeds rejected the refresh token of connection {self.name!r}; the "
+                    f"property must install the app again (/_proxy/apps/{self.settings.app}"
+                    "/install), or import a new refresh token through the admin API"
+                )
             raise ReauthorizationRequired(
                 f"Cloudbeds rejected the refresh token of credential {self.name!r}; "
                 "re-authorise: open /_proxy/oauth/start or run "

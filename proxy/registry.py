@@ -31,6 +31,7 @@ from proxy.credentials import Credential
 from proxy.errors import (
     AmbiguousProperty,
     ConnectionRequired,
+    RecordUnreadable,
     StoreUnavailable,
     UnknownConnection,
     UnknownProperty,
@@ -100,7 +101,10 @@ class Registry:
         while True:
             records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
             for name, record in records:
-                await self.apply(name, record)
+                if isinstance(record, RecordUnreadable):
+                    log.error("connection.unreadable", connection=name, reason=record.message)
+                else:
+                    await self.apply(name, record)
             if cursor is None:
                 return
 
