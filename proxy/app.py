@@ -233,13 +233,15 @@ def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clo
 
 
 async def _poll(runtime: Runtime) -> None:
-    """The fallback for a missed change, the last-used batch, and the store's comings and goings."""
+    """Write-backs after an outage, the last-used batch, and the store's comings and goings."""
     store_ok = True
     while True:
         try:
             await runtime.store.ping()
             await runtime.registry.flush_used()
-            for credential in list(runtime.registry.connections.values()):
+            # Only what an outage left unwritten: the change feed brings everything else,
+            # so an idle fleet costs the store nothing per connection.
+            for credential in [c for c in runtime.registry.connections.values() if c.unsaved]:
                 await credential.reload()
         except StoreUnavailable:
             if store_ok:

@@ -193,6 +193,10 @@ class OAuthCredential:
         if stored is not None:
             self.adopt(stored)
 
+    @property
+    def unsaved(self) -> bool:
+        return self._unsaved is not None
+
     def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
         """Serve `record`, which the store could not take, and write it when it returns."""
         self.adopt(record, force=True)
@@ -511,7 +515,7 @@ class OAuthCredential:
             "has_refresh_token": bool(record and record.refresh_token),
             "properties": list(self.properties),
             "last_error": self.last_error,
-            "unsaved": self._unsaved is not None,
+            "unsaved": self.unsaved,
         }
 
 

@@ -47,6 +47,10 @@ class Credential(Protocol):
     def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
         """Serve `record`, which the store could not take, and write it when it returns."""
 
+    @property
+    def unsaved(self) -> bool:
+        """A record waits to be written back (the store was down when it was made)."""
+
     async def start(self) -> None:
         """Load (or seed) the credential's record before the first request."""
 
@@ -106,6 +110,10 @@ class ApiKeyCredential:
     def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
         self.adopt(record, force=True)
         self._unsaved = (record, events)
+
+    @property
+    def unsaved(self) -> bool:
+        return self._unsaved is not None
 
     def ready(self) -> tuple[bool, str]:
         record = self.record
