@@ -359,6 +359,8 @@ def test_the_image_holds_no_test_files_no_compiler_and_no_secrets(
         assert len(layers) >= 2
         config = outer.extractfile(manifest[0]["Config"]).read()  # type: ignore[union-attr]
         findings += [f"image config: {n!r}" for n in needles if n in config]
+        if str(HOST_CA_BUNDLE).encode() in config:
+            findings.append("image config: the build's CA mount is in the history")
         for layer in layers:
             blob = outer.extractfile(layer)
             assert blob is not None
