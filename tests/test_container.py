@@ -475,6 +475,11 @@ def stack(podman: Podman, image: str, tmp_path: Path) -> Iterator[ComposeStack]:
         unavailable(f"no podman-compose at {compose_tool} (pip install -e '.[dev]')")
     stack = ComposeStack(podman, tmp_path)
     try:
+        # Redis first: podman-compose ignores `condition: service_healthy` before podman
+        # 4.6 (and podman runs no healthcheck timers without systemd), and replicas that
+        # start before Redis answers would each refresh on their own.
+        stack.compose("up", "--detach", "redis")
+        wait_for("redis answers", lambda: stack.redis_cli("ping") == "PONG", 30)
         stack.compose("up", "--detach")
         yield stack
     finally:
