@@ -234,10 +234,13 @@ def sidecar(
 ) -> Iterator[Sidecar]:
     container = Sidecar(podman, image, fake, tmp_path)
     try:
-        wait_for(
-            "the container answers /_proxy/healthz",
-            lambda: get(f"{container.url}/_proxy/healthz", timeout=2)[0] == 200,
-        )
+        try:
+            wait_for(
+                "the container answers /_proxy/healthz",
+                lambda: get(f"{container.url}/_proxy/healthz", timeout=2)[0] == 200,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{container.logs()[-4000:]}") from None
         yield container
     finally:
         podman.run("rm", "--force", "--time", "0", container.name, check=False)
