@@ -16,7 +16,7 @@ from proxy.errors import ConnectionDisconnected, NoUsableToken, StoreUnavailable
 from proxy.events import Event
 from proxy.logs import register_secret
 from proxy.store import TokenStore
-from proxy.tokens import Kind, State, TokenRecord, Write
+from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve
 
 Listener = Callable[[str, tuple[str, ...]], None]
 """Told (connection id, properties) whenever a credential adopts a record."""
@@ -139,10 +139,13 @@ class ApiKeyCredential:
             # A key Cloudbeds issued while the store was down: it exists nowhere else, and
             # an authorisation wins over whatever was written meanwhile.
             record, events = self._unsaved
-            stored = await self._store.load(self.name)
-            if stored is not None and stored.generation >= record.generation:
-                record = dataclasses.replace(record, generation=stored.generation + 1)
-            await self._store.put(self.name, record, events=events)
+            if not await self._store.put(self.name, record, events=events):
+                stored = await self._store.load(self.name)
+                if stored is not None and resolve(record, stored, Write.AUTHORIZATION) is (
+                    Outcome.REBASE
+                ):
+                    rebased = dataclasses.replace(record, generation=stored.generation + 1)
+                    await self._store.put(self.name, rebased, events=events)
             self._unsaved = None
         stored = await self._store.load(self.name)
         if stored is not None:
