@@ -199,6 +199,7 @@ class Sidecar:
             "CBPROXY_ENCRYPTION_KEY": self.encryption_key,
         }
         del env["CBPROXY_REFRESH_TOKEN"]
+        del env["CBPROXY_STATE_FILE"]  # the image's own: a path on the host means nothing inside
         podman.run(
             "run",
             "--detach",
