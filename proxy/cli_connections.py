@@ -10,7 +10,7 @@ Rules (DESIGN.md, "Many properties"):
   connection's lock and compare-and-set like a replica's refresh.
 - Secrets never on the command line, where `ps` shows them: from a file or stdin. Nothing
   printed holds a secret: stdout is the connection's public view as one JSON document,
-  logs (warnings and worse) go to stderr through the redaction.
+  logs (warnings and worse, redacted) go to stderr.
 - Without Redis the store is the state file, which must already exist: a mistyped
   CBPROXY_STATE_FILE would otherwise create an empty store that no proxy reads.
 - Input is checked before the store is opened; an error is one line (`proxy.cli.main`).
@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -99,7 +101,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         settings = load_settings(os.environ, args.config)
-        logs.configure(settings.log_format, stream=sys.stderr, level=logging.WARNING)
+        # Warnings reach stderr after a command that succeeded (a postAppState that failed);
+        # a failed command prints only its error line, which says what they would.
+        held = io.StringIO()
+        logs.configure(settings.log_format, stream=held, level=logging.WARNING)
         if hasattr(args, "id") and not CONNECTION_ID.fullmatch(args.id):
             raise InvalidConnection("ID: a connection id uses 1 to 128 of A-Z a-z 0-9 . _ -")
         prepare = getattr(args, "prepare", None)
@@ -107,6 +112,7 @@ def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
             args.body = prepare(args)
         _require_store(settings)
         document = asyncio.run(_run(settings, command, args))
+        sys.stderr.write(held.getvalue())
         print(json.dumps(document, indent=2))
         return 0
 
@@ -122,13 +128,20 @@ def _require_store(settings: Settings) -> None:
 
 
 async def _run(settings: Settings, command: Command, args: argparse.Namespace) -> dict[str, Any]:
-    async with one_shot(settings) as (store, connections):
-        return await command(args, store, connections)
+    async with one_shot(settings) as made:
+        return await command(args, made.store, made.connections)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShot:
+    store: TokenStore
+    registry: Registry
+    connections: Connections
 
 
 @contextlib.asynccontextmanager
-async def one_shot(settings: Settings) -> AsyncIterator[tuple[TokenStore, Connections]]:
-    """The store and `Connections` for one command, built as a replica builds them."""
+async def one_shot(settings: Settings) -> AsyncIterator[OneShot]:
+    """The store, registry and `Connections` for one command, built as a replica's are."""
     for secret in settings.secrets():
         register_secret(secret, configured=True)
     store, metrics, clock = make_store(settings), Metrics(), system_clock
@@ -140,7 +153,8 @@ async def one_shot(settings: Settings) -> AsyncIterator[tuple[TokenStore, Connec
             )
             registry = Registry(settings, store, make, metrics, clock, one_shot=True)
             try:
-                yield store, Connections(settings, store, session, registry, limiter, clock=clock)
+                connections = Connections(settings, store, session, registry, limiter, clock=clock)
+                yield OneShot(store, registry, connections)
             finally:
                 await registry.stop(settings.token_timeout)
     finally:
@@ -203,7 +217,9 @@ def _import_body(args: argparse.Namespace) -> dict[str, Any]:
     secret = secret.strip()
     if not secret:
         raise InvalidConnection(f"{flag}: empty; it must hold the {field.replace('_', ' ')}")
-    body: dict[str, Any] = {"app": args.app, field: secret, "properties": args.properties}
+    body: dict[str, Any] = {"app": args.app, field: secret}
+    if args.properties:
+        body["properties"] = args.properties
     if args.metadata is not None:
         body["metadata"] = _metadata(args.metadata)
     return body

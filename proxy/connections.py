@@ -241,6 +241,9 @@ class Connections:
                 record = dataclasses.replace(record, access_token=None, expires_at=0.0)
             if metadata is not None:
                 record = dataclasses.replace(record, metadata=metadata)
+            if stored is not None and "properties" not in body:
+                # Not given, like metadata, they are kept (until a refresh's `resources`).
+                record = dataclasses.replace(record, properties=stored.properties)
             return record, install_event(stored)
 
         record = await self.write(name, build, Write.AUTHORIZATION)
