@@ -74,6 +74,8 @@ class Cli:
     config: Path
     fake: FakeCloudbeds
     outputs: list[str] = dataclasses.field(default_factory=list)
+    known: list[str] = dataclasses.field(default_factory=list)
+    """Secrets a test made up that the fake does not know."""
 
     async def __call__(self, *args: str, stdin: str = "", **env: str) -> Result:
         process = await asyncio.create_subprocess_exec(
@@ -105,6 +107,7 @@ class Cli:
             CALLER_TOKEN,
             ADMIN_TOKEN,
             MARKETPLACE_STATE,
+            *self.known,
         ]
 
     def assert_no_secret(self, *texts: str) -> None:
@@ -462,3 +465,39 @@ async def test_one_shot_makes_only_the_credential_a_command_needs(file_cli: Cli)
         assert list(made.registry.connections) == ["acme.property.1"]
         assert refresh_tasks() == [], "and nothing refreshes in the background"
     assert file_cli.fake.token_calls["refresh_token"] == 1
+
+
+async def test_the_cli_and_the_admin_api_answer_alike(file_cli: Cli, start_proxy: Any) -> None:
+    file_cli.known += [f"refresh-token-{n}-0123456789" for n in (1, 2, 3)]
+    for n in (1, 2, 3):
+        imported = await file_cli(
+            "connections", "import", f"acme.property.{n}", "--app", "acme",
+            "--refresh-token-stdin", "--property", str(n), stdin=f"refresh-token-{n}-0123456789",
+        )  # fmt: skip
+        assert imported.code == 0
+    # A proxy without the [apps] tables serves none of them: nothing changes them meanwhile.
+    env = {**os.environ, **file_cli.env, "CBPROXY_ADMIN_TOKEN": ADMIN_TOKEN}
+    url = await start_proxy(load_settings(env), ready=False)
+    admin = f"{url}/_proxy/admin/connections"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for query, flags in (
+            ({"limit": "2"}, ("--limit", "2")),
+            (
+                {"limit": "2", "cursor": "acme.property.2"},
+                ("--limit", "2", "--cursor", "acme.property.2"),
+            ),
+            ({"property": "2"}, ("--property", "2")),
+            ({"app": "keys"}, ("--app", "keys")),
+        ):
+            async with session.get(admin, params=query) as answer:
+                assert answer.status == 200
+                api = await answer.json()
+            assert (await file_cli("connections", "list", *flags)).json() == api
+        async with session.get(f"{admin}/acme.property.3") as answer:
+            api = await answer.json()
+        assert (await file_cli("connections", "show", "acme.property.3")).json() == api
+        async with session.get(admin, params={"limit": "0"}) as answer:
+            api = await answer.json()
+        line = (await file_cli("connections", "list", "--limit", "0")).error_line()
+        assert line == f"cloudbeds-proxy: {api['error']}: {api['message']}"
