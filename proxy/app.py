@@ -63,6 +63,8 @@ class Runtime:
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
+PUBLIC = web.AppKey("public", bool)
+"""Set on the internet-facing app, which forwards nothing (so checks no forward target)."""
 
 
 def make_store(settings: Settings) -> TokenStore:
@@ -91,10 +93,11 @@ def create_app(
     app.router.add_route("*", "/_proxy/readyz", endpoints.readyz)
     app.router.add_route("*", "/_proxy/metrics", endpoints.metrics)
     app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
-    app.router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
-    app.router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
-    app.router.add_route("GET", "/_proxy/apps/{app}/install", endpoints.app_install)
-    app.router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
+    # With CBPROXY_PUBLIC_PORT the install and callback paths are served only there (that
+    # port faces the internet and forwards nothing); otherwise here, beside the API.
+    public = _public_app(settings) if settings.public_port is not None else None
+    if public is None:
+        _add_install_routes(app.router)
     admin.add_routes(app.router)
     app.router.add_route("*", "/_proxy/{tail:(?s:.*)}", endpoints.not_found)
     # (?s): a decoded path may hold a newline; it must still reach the target checks.
@@ -103,7 +106,19 @@ def create_app(
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _runtime(settings, store or make_store(settings), clock, metrics) as runtime:
             app[RUNTIME] = runtime
-            yield
+            if public is None:
+                yield
+                return
+            public[RUNTIME] = runtime
+            runner = web.AppRunner(public, access_log=None, shutdown_timeout=2)
+            await runner.setup()
+            host = settings.public_host or settings.host
+            await web.TCPSite(runner, host, settings.public_port).start()
+            log.info("proxy.public_listener", host=host, port=settings.public_port)
+            try:
+                yield
+            finally:
+                await runner.cleanup()
 
     async def mark_stopping(app: web.Application) -> None:
         # on_shutdown runs as the listener closes, before the grace wait for requests.
@@ -115,6 +130,22 @@ def create_app(
     app.cleanup_ctx.append(runtime_ctx)
     app.on_shutdown.append(mark_stopping)
     return app
+
+
+def _add_install_routes(router: web.UrlDispatcher) -> None:
+    router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
+    router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
+    router.add_route("GET", "/_proxy/apps/{app}/install", endpoints.app_install)
+    router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
+
+
+def _public_app(settings: Settings) -> web.Application:
+    """The internet-facing listener: installs and callbacks, and 404 for everything else."""
+    public = web.Application(middlewares=[request_middleware])
+    public[SETTINGS], public[PUBLIC] = settings, True
+    _add_install_routes(public.router)
+    public.router.add_route("*", "/{tail:(?s:.*)}", endpoints.not_found)
+    return public
 
 
 @contextlib.asynccontextmanager
@@ -261,7 +292,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = asyncio.get_running_loop().time()
     response: web.StreamResponse | None = None
     try:
-        if not request.raw_path.startswith("/_proxy/"):
+        if not request.raw_path.startswith("/_proxy/") and not request.app.get(PUBLIC):
             # Before routing decides anything: CONNECT and absolute-form targets match no route.
             check_target(request.method, request.raw_path)
         response = await handler(request)
@@ -301,7 +332,9 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
     headers = {PROXY_ERROR_HEADER: exc.code, REQUEST_ID: request[EXCHANGE].request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if endpoints.wants_html(request) and request.path.startswith("/_proxy/oauth/"):
+    if endpoints.wants_html(request) and request.path.startswith(
+        ("/_proxy/oauth/", "/_proxy/apps/")
+    ):
         return web.Response(
             status=exc.status,
             text=endpoints.error_page(exc),

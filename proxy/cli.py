@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -321,15 +323,35 @@ def _fake(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_APP = ("demo-partner-client", "demo-partner-secret")
+
+
 async def _demo(args: argparse.Namespace) -> int:
-    """The proxy and a fake Cloudbeds in one process: try it with no Cloudbeds account."""
+    """The proxy and a fake Cloudbeds in one process: try it with no Cloudbeds account.
+
+    It serves the fake's own credential (a hotel with its own API credentials) and a
+    partner app, `demo`, that properties install: each install link that is followed
+    makes a connection for a new property (2001, 2002, ...).
+    """
     logs.configure("console")
-    fake_runner = web.AppRunner(create_fake_app(FakeCloudbeds()))
+    fake_state = FakeCloudbeds()
+    fake_runner = web.AppRunner(create_fake_app(fake_state))
     await fake_runner.setup()
     site = web.TCPSite(fake_runner, "127.0.0.1", 0)
     await site.start()
     fake_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     fake = f"http://127.0.0.1:{fake_port}"
+    port = args.port if args.port is not None else 8080
+    base = f"http://127.0.0.1:{port}"
+    fake_state.add_app(*DEMO_APP, f"{base}/_proxy/apps/demo/callback")
+    workdir = tempfile.mkdtemp(prefix="cloudbeds-proxy-demo-")
+    config = Path(workdir, "demo.toml")
+    await asyncio.to_thread(
+        config.write_text,
+        "[apps.demo]\n"
+        f'client_id = "{DEMO_APP[0]}"\nclient_secret = "{DEMO_APP[1]}"\n'
+        f'redirect_uri = "{base}/_proxy/apps/demo/callback"\n',
+    )
     env = {
         **os.environ,
         "CBPROXY_UPSTREAM_URL": fake,
@@ -339,17 +361,23 @@ async def _demo(args: argparse.Namespace) -> int:
         "CBPROXY_CLIENT_SECRET": "fake-client-secret",
         "CBPROXY_REFRESH_TOKEN": "fake-refresh-token",
         "CBPROXY_LOG_FORMAT": "console",
+        "CBPROXY_PORT": str(port),
+        "CBPROXY_ADMIN_TOKEN": "demo-admin-token",
+        "CBPROXY_STATE_FILE": str(Path(workdir, "state.db")),
     }
-    if args.port is not None:
-        env["CBPROXY_PORT"] = str(args.port)
-    settings = load_settings(env)
+    settings = load_settings(env, str(config))
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
-    base = f"http://{settings.host}:{settings.port}"
+    admin = "-H 'Authorization: Bearer demo-admin-token'"
     print(
-        f"\nfake Cloudbeds: {fake}\nproxy:          {base}\n\nTry:\n"
-        f"  curl {base}/api/v1.3/getHotels\n  curl {base}/_proxy/tokens\n\nCtrl-C stops.",
+        f"\nfake Cloudbeds: {fake}\nproxy:          {base}\n\n"
+        f"A hotel with its own credential:\n  curl {base}/api/v1.3/getHotels\n\n"
+        "A partner app that properties install (open the link in a browser, or):\n"
+        f"  curl -sL -H 'Accept: application/json' {base}/_proxy/apps/demo/install\n"
+        "then call the API for the new property (the first install is property 2001):\n"
+        f"  curl -H 'X-PROPERTY-ID: 2001' {base}/api/v1.3/getHotels\n"
+        f"  curl {admin} {base}/_proxy/admin/connections\n\nCtrl-C stops.",
         flush=True,
     )
     try:

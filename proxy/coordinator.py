@@ -81,7 +81,11 @@ class OAuthCredential:
         self._unsaved: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
         self.last_error: str | None = None
-        metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
+        # Metric series: one per configured credential; a connection of an app counts under
+        # the app (series per connection would grow with the number of installs).
+        self._series = settings.name if settings.app is None else f"app:{settings.app}"
+        if settings.app is None:
+            metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
 
     # -- the request path ---------------------------------------------------------------
 
@@ -159,10 +163,11 @@ class OAuthCredential:
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
         )
-        for state in State:
-            self._metrics.credential_state.labels(self.name, state.value).set(
-                1 if record.state is state else 0
-            )
+        if self.settings.app is None:
+            for state in State:
+                self._metrics.credential_state.labels(self.name, state.value).set(
+                    1 if record.state is state else 0
+                )
         self._retry_at, self._attempt = 0.0, 0
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -262,7 +267,7 @@ class OAuthCredential:
             self.adopt(rebased)
             await self._save(rebased, write=write, events=events, rebase=False)
             return
-        self._metrics.lock_losses.labels(self.name).inc()
+        self._metrics.lock_losses.labels(self._series).inc()
         log.info("token.write.superseded", credential=self.name, stored=stored.generation)
         self.adopt(stored, force=True)
 
@@ -329,7 +334,7 @@ class OAuthCredential:
             await self._refresh_locked(force_generation, reread=False)
             return
         if not acquired:
-            self._metrics.lock_waits.labels(self.name).inc()
+            self._metrics.lock_waits.labels(self._series).inc()
             await self._await_other_replica()
             return
         try:
@@ -379,7 +384,7 @@ class OAuthCredential:
         started = self._clock()
         log.info("token.refresh.started", credential=self.name, generation=record.generation)
         try:
-            with self._metrics.refresh_duration.labels(self.name).time():
+            with self._metrics.refresh_duration.labels(self._series).time():
                 response = await cloudbeds.send_token_request(
                     self._session, self._proxy.token_url, form, self._proxy.token_timeout
                 )
@@ -398,7 +403,7 @@ class OAuthCredential:
             properties=response.properties,
             forced=forced,
         )
-        self._metrics.refreshes.labels(self.name, "ok").inc()
+        self._metrics.refreshes.labels(self._series, "ok").inc()
         self.last_error = None
         self.adopt(new)
         log.info(
@@ -422,7 +427,7 @@ class OAuthCredential:
             )
             self.adopt(newer)
             return
-        self._metrics.refreshes.labels(self.name, "rejected").inc()
+        self._metrics.refreshes.labels(self._series, "rejected").inc()
         self.last_error = exc.reason
         log.error(
             "token.refresh.rejected",
@@ -450,7 +455,7 @@ class OAuthCredential:
         return None
 
     def _transient_failure(self, exc: TokenEndpointUnavailable) -> None:
-        self._metrics.refreshes.labels(self.name, "transient").inc()
+        self._metrics.refreshes.labels(self._series, "transient").inc()
         self.last_error = exc.reason
         delay = backoff(self._attempt, self._policy, random.random())  # noqa: S311
         self._attempt += 1

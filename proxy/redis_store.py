@@ -293,15 +293,18 @@ class RedisStore:
         pool = BlockingConnectionPool.from_url(
             target.url, max_connections=max_connections, timeout=pool_timeout, **options
         )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix, cipher=cipher)
+        return cls(aioredis.Redis.from_pool(pool), prefix=prefix, cipher=cipher)
 
     def key(self, name: str, suffix: str) -> str:
         """`{prefix}:{cred:<name>}:<suffix>`: one connection's own slot (lock, limiter)."""
         return f"{self.prefix}:{{cred:{name}}}:{suffix}"
 
+    def record_key(self, name: str) -> str:
+        return self.base + "rec:" + name
+
     async def load(self, name: str) -> TokenRecord | None:
         with _redis_errors():
-            raw = await self.client.hget(self.base + "rec:" + name, "data")
+            raw = await self.client.hget(self.record_key(name), "data")
             if raw is None:
                 raw = await self.client.hget(self.key(name, "record"), "data")
         return None if raw is None else self._codec.decode(name, raw)
@@ -319,7 +322,7 @@ class RedisStore:
         ]
         for event in events:
             args += [event.id, event.to_json()]
-        keys = [b + "rec:" + name, b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
+        keys = [self.record_key(name), b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
         with _redis_errors():
             return bool(await self._put(keys=[*keys, b + "outbox:seq"], args=args))
 
@@ -344,7 +347,7 @@ class RedisStore:
             return []
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.hget(self.base + "rec:" + name, "data")
+            pipe.hget(self.record_key(name), "data")
         return list(await pipe.execute())
 
     async def covering(self, prop: str) -> list[str]:

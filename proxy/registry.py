@@ -68,6 +68,17 @@ class Registry:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._position = "0"
         self._unknown_apps: set[str] = set()
+        metrics.count_connections(self.counts)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Connections of apps by (app, state), for the metrics and the status page."""
+        counts: dict[tuple[str, str], int] = {}
+        for credential in self.connections.values():
+            app = credential.settings.app
+            if app is not None:
+                state = credential.record.state.value if credential.record else "not_authorized"
+                counts[app, state] = counts.get((app, state), 0) + 1
+        return counts
 
     @property
     def default(self) -> Credential | None:

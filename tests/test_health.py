@@ -62,6 +62,7 @@ async def test_readiness_follows_redis(
             "store": {"ok": True, "detail": "reachable"},
             "credential:default": {"ok": True, "detail": "ok"},
         },
+        "connections": {},
     }
 
     private_redis.stop()
