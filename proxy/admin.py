@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from proxy.config import CONNECTION_ID
-from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection
+from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection, RecordUnreadable
 from proxy.store import TokenStore
 from proxy.tokens import State, TokenRecord
 
@@ -46,10 +46,19 @@ def _runtime(request: web.Request) -> Runtime:
     return runtime
 
 
-async def views(store: TokenStore, pairs: list[tuple[str, TokenRecord]]) -> list[dict[str, Any]]:
-    """Public views of connections, with their last-used times."""
+Listed = TokenRecord | RecordUnreadable
+"""A listed connection: its record, or the error that its stored record cannot be read."""
+
+
+async def views(store: TokenStore, pairs: list[tuple[str, Listed]]) -> list[dict[str, Any]]:
+    """Public views of connections, with their last-used times; an unreadable one says so."""
     used = await store.last_used([name for name, _ in pairs])
-    return [record.view(name, used.get(name)) for name, record in pairs]
+    return [
+        {"id": name, "state": "store_unreadable", "error": record.message}
+        if isinstance(record, RecordUnreadable)
+        else record.view(name, used.get(name))
+        for name, record in pairs
+    ]
 
 
 async def listing(
@@ -64,21 +73,33 @@ async def listing(
     """One page of connection views and the next page's cursor (the API's and the CLI's)."""
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidConnection(f"limit: a whole number from 1 to {MAX_LIMIT}")
-    if state is not None and state not in {s.value for s in State}:
-        raise InvalidConnection(f"state: one of {', '.join(s.value for s in State)}")
+    states = [*(s.value for s in State), "store_unreadable"]
+    if state is not None and state not in states:
+        raise InvalidConnection(f"state: one of {', '.join(states)}")
+    pairs: list[tuple[str, Listed]]
     if prop is not None:
         names = [n for n in await store.covering(prop) if cursor is None or n > cursor]
         chosen = names[:limit]
         following = chosen[-1] if len(names) > limit else None
-        pairs = [(n, r) for n in chosen if (r := await store.load(n)) is not None]
+        pairs = []
+        for name in chosen:
+            try:
+                found = await store.load(name)
+            except RecordUnreadable as exc:
+                pairs.append((name, exc))
+                continue
+            if found is not None:
+                pairs.append((name, found))
     else:
         pairs, following = await store.page(app=app, cursor=cursor, limit=limit)
-    pairs = [
-        (n, r)
-        for n, r in pairs
-        if (app is None or r.app == app) and (state is None or r.state.value == state)
-    ]
+    pairs = [(n, r) for n, r in pairs if _matches(r, app, state)]
     return await views(store, pairs), following
+
+
+def _matches(record: Listed, app: str | None, state: str | None) -> bool:
+    if isinstance(record, RecordUnreadable):
+        return state in (None, "store_unreadable")
+    return (app is None or record.app == app) and (state is None or record.state.value == state)
 
 
 async def _answer(

@@ -39,7 +39,7 @@ from proxy.app import credential_factory, make_limiter, make_store
 from proxy.clock import system_clock
 from proxy.config import CONNECTION_ID, ConfigError, Settings, load_settings
 from proxy.connections import Connections
-from proxy.errors import InvalidConnection
+from proxy.errors import InvalidConnection, RecordUnreadable
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.registry import Registry
@@ -245,13 +245,16 @@ def _metadata(text: str) -> dict[str, Any]:
 
 
 async def counts(store: TokenStore) -> dict[str, dict[str, int]]:
-    """How many connections each app has in each state (for `token status`)."""
+    """How many connections each app has in each state (for `token status`); records that
+    cannot be read count under `(unreadable)`, a name no app can have."""
     found: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     cursor: str | None = None
     while True:
         pairs, cursor = await store.page(cursor=cursor, limit=_PAGE)
         for _, record in pairs:
-            if record.app is not None:
+            if isinstance(record, RecordUnreadable):
+                found["(unreadable)"]["store_unreadable"] += 1
+            elif record.app is not None:
                 found[record.app][record.state.value] += 1
         if cursor is None:
             return {app: dict(sorted(states.items())) for app, states in sorted(found.items())}

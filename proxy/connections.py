@@ -254,6 +254,11 @@ class Connections:
     ) -> tuple[AppSettings, Grant, dict[str, Any] | None]:
         if not CONNECTION_ID.fullmatch(name):
             raise InvalidConnection("a connection id uses 1 to 128 of A-Z a-z 0-9 . _ -")
+        if self._settings.credential(name) is not None:
+            raise InvalidConnection(
+                f"{name!r} is a credential of the configuration; change it there, or import "
+                "the connection under another id"
+            )
         if not isinstance(body, dict):
             raise InvalidConnection('send a JSON object: {"app": NAME, "refresh_token": ...}')
         if not isinstance(body.get("app"), str):

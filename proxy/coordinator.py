@@ -30,6 +30,7 @@ import structlog
 from proxy import cloudbeds
 from proxy.clock import Clock
 from proxy.config import CredentialSettings, Kind, Settings
+from proxy.credentials import Listener
 from proxy.errors import (
     ConnectionDisconnected,
     NoUsableToken,
@@ -72,6 +73,7 @@ class OAuthCredential:
         self._policy = RefreshPolicy(leeway=proxy_settings.refresh_leeway)
         self._jitter = random.random()  # noqa: S311 - spreading load, not security
         self.record: TokenRecord | None = None
+        self.listener: Listener | None = None
         self._header: tuple[str, str] | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -128,6 +130,12 @@ class OAuthCredential:
                 "app again before requests can use it"
             )
         if record is not None and record.state is State.REAUTHORIZATION_REQUIRED:
+            if self.settings.app is not None:
+                raise ReauthorizationRequired(
+                    f"Cloudbeds rejected the refresh token of connection {self.name!r}; the "
+                    f"property must install the app again (/_proxy/apps/{self.settings.app}"
+                    "/install), or import a new refresh token through the admin API"
+                )
             raise ReauthorizationRequired(
                 f"Cloudbeds rejected the refresh token of credential {self.name!r}; "
                 "re-authorise: open /_proxy/oauth/start or run "
@@ -157,6 +165,8 @@ class OAuthCredential:
         if not force and current is not None and record.generation <= current.generation:
             return False
         self.record = record
+        if self.listener is not None:
+            self.listener(self.name, self.properties)
         # Tokens from this process's refreshes and from other replicas alike: never logged.
         register_secret(record.access_token)
         register_secret(record.refresh_token)

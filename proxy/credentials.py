@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.config import CredentialSettings
@@ -15,11 +16,15 @@ from proxy.logs import register_secret
 from proxy.store import TokenStore
 from proxy.tokens import Kind, State, TokenRecord
 
+Listener = Callable[[str, tuple[str, ...]], None]
+"""Told (connection id, properties) whenever a credential adopts a record."""
+
 
 class Credential(Protocol):
     name: str
     settings: CredentialSettings
     record: TokenRecord | None
+    listener: Listener | None
 
     @property
     def properties(self) -> tuple[str, ...]: ...
@@ -56,6 +61,7 @@ class ApiKeyCredential:
     def __init__(self, settings: CredentialSettings, store: TokenStore) -> None:
         self.name, self.settings, self._store = settings.name, settings, store
         self.record: TokenRecord | None = None
+        self.listener: Listener | None = None
         if settings.api_key is not None:
             self.record = TokenRecord(
                 settings.api_key, 0.0, None, 0, kind=Kind.API_KEY, properties=settings.properties
@@ -87,6 +93,8 @@ class ApiKeyCredential:
             return False
         register_secret(record.access_token)
         self.record = record
+        if self.listener is not None:
+            self.listener(self.name, self.properties)
         return True
 
     def ready(self) -> tuple[bool, str]:

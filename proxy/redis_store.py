@@ -339,7 +339,7 @@ class RedisStore:
             chosen = names[:limit]
             raws = await self._hget_many(chosen)
         pairs = zip(chosen, raws, strict=True)
-        records = [(n, self._codec.decode(n, raw)) for n, raw in pairs if raw is not None]
+        records = [(n, self._codec.decode_or_error(n, raw)) for n, raw in pairs if raw is not None]
         return records, (chosen[-1] if len(names) > limit else None)
 
     async def _hget_many(self, names: Sequence[str]) -> list[Any]:

@@ -7,7 +7,8 @@
   that lost entries (its position was trimmed away) rereads every record once.
 - Routing (DESIGN.md, "Routing a request"): `X-Cloudbeds-Connection` (or
   `X-Cloudbeds-Credential`), else `X-PROPERTY-ID` (its first id), else the `propertyID` or
-  first `propertyIDs` query parameter, else `default`. Lookups are dictionary reads: the
+  first `propertyIDs` query parameter, else `default` (or the first configured credential
+  when none is named so). Lookups are dictionary reads: the
   same cost at 10 connections as at 10,000. Bodies are never parsed for routing.
 - A property no connection covers is 404 `unknown_property`, except in the
   single-credential setup (a `default` credential and no apps), where it goes to `default`
@@ -34,6 +35,7 @@ from proxy.credentials import Credential
 from proxy.errors import (
     AmbiguousProperty,
     ConnectionRequired,
+    RecordUnreadable,
     StoreUnavailable,
     UnknownConnection,
     UnknownProperty,
@@ -82,7 +84,11 @@ class Registry:
 
     @property
     def default(self) -> Credential | None:
-        return self.connections.get(DEFAULT_CREDENTIAL)
+        """`default`, else the first configured credential, as the configuration reads."""
+        found = self.connections.get(DEFAULT_CREDENTIAL)
+        if found is None and self._settings.credentials:
+            found = self.connections.get(self._settings.credentials[0].name)
+        return found
 
     async def start(self) -> None:
         """Configured credentials first, then every stored connection of a configured app."""
@@ -101,7 +107,10 @@ class Registry:
         while True:
             records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
             for name, record in records:
-                await self.apply(name, record)
+                if isinstance(record, RecordUnreadable):
+                    log.error("connection.unreadable", connection=name, reason=record.message)
+                else:
+                    await self.apply(name, record)
             if cursor is None:
                 return
 
@@ -110,7 +119,6 @@ class Registry:
         credential = self.connections.get(name)
         if credential is not None:
             await credential.reload()
-            self._index(name, credential.properties)
             return
         record = await self._store.load(name)
         if record is not None:
@@ -126,7 +134,6 @@ class Registry:
             # One-shot: a write that lands makes no credential the command did not ask for.
             return None if self._one_shot else await self._create(name, record)
         credential.adopt(record)
-        self._index(name, credential.properties)
         return credential
 
     async def load(self, name: str) -> Credential | None:
@@ -159,6 +166,7 @@ class Registry:
 
     async def _add(self, settings: CredentialSettings, record: TokenRecord | None) -> Credential:
         credential = self._make(settings)
+        credential.listener = self._index  # the property index follows every adopted record
         if record is not None:
             credential.adopt(record)
         await credential.start()

@@ -34,8 +34,9 @@ STATE_TTL = 600.0
 """Seconds an install state lives: as long as the authorization code it protects."""
 _SECRET_FIELDS = ("access_token", "refresh_token")
 
-Page = tuple[list[tuple[str, TokenRecord]], str | None]
-"""(id and record pairs in id order, the cursor of the next page or None)."""
+Page = tuple[list[tuple[str, TokenRecord | RecordUnreadable]], str | None]
+"""(id and record pairs in id order, the cursor of the next page or None). A record that
+cannot be read is its error, so one bad record never hides the others."""
 
 
 class RefreshLock(Protocol):
@@ -121,6 +122,13 @@ class RecordCodec:
                     data[field] = self._cipher.encrypt(data[field])
             data["enc"] = 1
         return json.dumps(data, separators=(",", ":"))
+
+    def decode_or_error(self, name: str, raw: bytes | str) -> TokenRecord | RecordUnreadable:
+        """The record, or the reason it cannot be read (for listings)."""
+        try:
+            return self.decode(name, raw)
+        except RecordUnreadable as exc:
+            return exc
 
     def decode(self, name: str, raw: bytes | str) -> TokenRecord:
         try:

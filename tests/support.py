@@ -84,6 +84,8 @@ class ProxyProcess:
             **os.environ,
             "CBPROXY_PORT": str(self.port),
             "CBPROXY_LOG_FORMAT": "json",
+            # Its own state file unless told otherwise: a test never sees another's records.
+            "CBPROXY_STATE_FILE": str(log_path.with_suffix(".db")),
             **env,
         }
         self.args = args

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -209,3 +210,20 @@ async def test_two_sqlite_stores_on_one_file_share_the_lock_and_the_feed(tmp_pat
     await changes.aclose()  # type: ignore[attr-defined]
     await proxy.close()
     await cli.close()
+
+
+async def test_an_unreadable_record_does_not_hide_the_others_in_a_page(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    for name in ("a", "b", "c"):
+        await store.put(name, record(1))
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE records SET data = 'not json' WHERE id = 'b'")
+    store = SqliteStore(path)
+    page, _ = await store.page()
+    assert [n for n, _ in page] == ["a", "b", "c"]
+    assert isinstance(page[1][1], RecordUnreadable)
+    assert "not json" not in page[1][1].message
+    assert page[0][1] == record(1)
+    await store.close()
