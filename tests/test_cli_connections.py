@@ -19,6 +19,7 @@ from proxy.app import make_store
 from proxy.cli_connections import one_shot
 from proxy.config import load_settings
 from proxy.fake_cloudbeds import FakeCloudbeds
+from proxy.tokens import seed_record
 from tests.support import ProxyProcess
 
 Fake = tuple[FakeCloudbeds, str]
@@ -501,3 +502,20 @@ async def test_the_cli_and_the_admin_api_answer_alike(file_cli: Cli, start_proxy
             api = await answer.json()
         line = (await file_cli("connections", "list", "--limit", "0")).error_line()
         assert line == f"cloudbeds-proxy: {api['error']}: {api['message']}"
+
+
+async def test_one_shot_refreshes_a_configured_credential_too(file_cli: Cli) -> None:
+    env = {
+        **os.environ,
+        **file_cli.env,
+        "CBPROXY_CLIENT_ID": "fake-client-id",
+        "CBPROXY_CLIENT_SECRET": "fake-client-secret",
+    }
+    settings = load_settings(env, str(file_cli.config))
+    async with one_shot(settings) as made:
+        await made.store.put("default", seed_record(file_cli.fake.refresh_token, 1))
+        refreshed = await made.connections.refresh("default")
+        assert (refreshed.generation, refreshed.state.value) == (2, "ok")
+        assert list(made.registry.connections) == ["default"]
+        assert refresh_tasks() == []
+    assert file_cli.fake.token_calls["refresh_token"] == 1
