@@ -44,6 +44,7 @@ from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.registry import Registry
 from proxy.store import TokenStore
+from proxy.tokens import TokenRecord
 
 Command = Callable[[argparse.Namespace, TokenStore, Connections], Awaitable[dict[str, Any]]]
 _SECRET_FLAGS = {
@@ -64,7 +65,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", parents=[common], help="list connections as JSON")
     listing.add_argument("--app", help="only this app's connections")
     listing.add_argument("--property", dest="prop", help="only connections covering it")
-    listing.add_argument("--state", help="ok, reauthorization_required or disconnected")
+    listing.add_argument(
+        "--state", help="ok, reauthorization_required, disconnected or store_unreadable"
+    )
     listing.add_argument("--limit", type=int, default=100, help="per page, 1 to 500")
     listing.add_argument("--cursor", help="next_cursor of the previous page")
     listing.add_argument("--all", action="store_true", help="follow the cursor to the end")
@@ -134,6 +137,8 @@ async def _run(settings: Settings, command: Command, args: argparse.Namespace) -
 
 @dataclasses.dataclass(frozen=True)
 class OneShot:
+    """What one command works with: nothing in it runs in the background."""
+
     store: TokenStore
     registry: Registry
     connections: Connections
@@ -161,7 +166,7 @@ async def one_shot(settings: Settings) -> AsyncIterator[OneShot]:
         await store.close()
 
 
-async def _view(store: TokenStore, name: str, record: Any) -> dict[str, Any]:
+async def _view(store: TokenStore, name: str, record: TokenRecord) -> dict[str, Any]:
     (view,) = await admin.views(store, [(name, record)])
     return view
 
