@@ -238,12 +238,9 @@ def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock:
         limits[f"app:{app.name}"] = RateLimit(
             app.rate_limit, app.rate_burst, settings.rate_max_wait
         )
-    # The limiter's script needs one slot per budget: keys carry the store's hash tag.
-    redis = store.client if isinstance(store, RedisStore) else None
     return Limiter(
         limits,
-        redis=redis,
-        key=store.key if isinstance(store, RedisStore) else lambda name, suffix: f"{name}:{suffix}",
+        shared=store if isinstance(store, RedisStore) else None,
         metrics=metrics,
         replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         clock=clock,

@@ -212,14 +212,25 @@ class Connections:
 
     async def write(self, name: str, build: Build, write: Write) -> TokenRecord:
         """Build the record from the stored one and write it with its event; on a refusal
-        build again on top of what landed (never more than `_ATTEMPTS` times)."""
+        build again on top of what landed (never more than `_ATTEMPTS` times). An
+        authorisation the store cannot take now is kept in memory and written later."""
         for _ in range(_ATTEMPTS):
-            stored = await self._store.load(name)
-            record, event_type = build(stored)
-            events: tuple[Event, ...] = ()
-            if event_type is not None and self._settings.events_url:
-                events = (new_event(event_type, record.view(name), self._clock()),)
-            if await self._store.put(name, record, events=events):
+            try:
+                stored = await self._store.load(name)
+            except StoreUnavailable:
+                if write is not Write.AUTHORIZATION:
+                    raise
+                held = self._registry.connections.get(name)
+                in_memory = held.record if held is not None else None
+                return await self._keep(name, *self._built(name, build, in_memory))
+            record, events = self._built(name, build, stored)
+            try:
+                written = await self._store.put(name, record, events=events)
+            except StoreUnavailable:
+                if write is not Write.AUTHORIZATION:
+                    raise
+                return await self._keep(name, record, events)
+            if written:
                 await self._registry.apply(name, record)
                 return record
             now_stored = await self._store.load(name)
@@ -228,6 +239,24 @@ class Connections:
         raise StoreUnavailable(
             f"connection {name!r} changed {_ATTEMPTS} times while this write was made; retry"
         )
+
+    def _built(
+        self, name: str, build: Build, stored: TokenRecord | None
+    ) -> tuple[TokenRecord, tuple[Event, ...]]:
+        record, event_type = build(stored)
+        if event_type is None or not self._settings.events_url:
+            return record, ()
+        return record, (new_event(event_type, record.view(name), self._clock()),)
+
+    async def _keep(self, name: str, record: TokenRecord, events: tuple[Event, ...]) -> TokenRecord:
+        """A grant the store cannot take now exists nowhere else: serve it from memory and
+        write it when the store returns (the connection's own write-back)."""
+        credential = await self._registry.apply(name, record)
+        if credential is None:
+            raise StoreUnavailable(f"the store is down and connection {name!r} cannot be kept")
+        credential.keep(record, Write.AUTHORIZATION, events)
+        log.warning("connection.write.deferred", connection=name)
+        return record
 
     async def put(self, name: str, body: Any) -> tuple[TokenRecord, bool]:
         """Import or replace a connection (admin `PUT`); True when it was created."""

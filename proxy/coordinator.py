@@ -82,6 +82,7 @@ class OAuthCredential:
         self._attempt = 0
         self._unsaved: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
+        self._unsaved_write = Write.REFRESH
         self.last_error: str | None = None
         # Metric series: one per configured credential; a connection of an app counts under
         # the app (series per connection would grow with the number of installs).
@@ -187,10 +188,16 @@ class OAuthCredential:
     async def reload(self) -> None:
         """Re-read the store; write back a record the store missed while it was down."""
         if self._unsaved is not None:
-            await self._save(self._unsaved, events=self._unsaved_events)
+            await self._save(self._unsaved, write=self._unsaved_write, events=self._unsaved_events)
         stored = await self._store.load(self.name)
         if stored is not None:
             self.adopt(stored)
+
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        """Serve `record`, which the store could not take, and write it when it returns."""
+        self.adopt(record, force=True)
+        self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
+        log.warning("token.write.deferred", credential=self.name, generation=record.generation)
 
     async def start(self) -> None:
         """Load the stored record, seeding or recovering it from CBPROXY_REFRESH_TOKEN."""
@@ -252,8 +259,7 @@ class OAuthCredential:
             written = await self._store.put(self.name, record, events=events)
         except StoreUnavailable:
             self._metrics.redis_errors.labels("put").inc()
-            self._unsaved = record
-            self._unsaved_events = events
+            self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
             log.warning("token.write.deferred", credential=self.name, generation=record.generation)
             return
         if self._unsaved is record:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.config import CredentialSettings
 from proxy.errors import ConnectionDisconnected, NoUsableToken, StoreUnavailable
+from proxy.events import Event
 from proxy.logs import register_secret
 from proxy.store import TokenStore
-from proxy.tokens import Kind, State, TokenRecord
+from proxy.tokens import Kind, State, TokenRecord, Write
 
 Listener = Callable[[str, tuple[str, ...]], None]
 """Told (connection id, properties) whenever a credential adopts a record."""
@@ -42,6 +44,9 @@ class Credential(Protocol):
     def adopt(self, record: TokenRecord, *, force: bool = False) -> bool:
         """Make `record` the one in memory if it is newer (or `force`)."""
 
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        """Serve `record`, which the store could not take, and write it when it returns."""
+
     async def start(self) -> None:
         """Load (or seed) the credential's record before the first request."""
 
@@ -62,6 +67,7 @@ class ApiKeyCredential:
         self.name, self.settings, self._store = settings.name, settings, store
         self.record: TokenRecord | None = None
         self.listener: Listener | None = None
+        self._unsaved: tuple[TokenRecord, tuple[Event, ...]] | None = None
         if settings.api_key is not None:
             self.record = TokenRecord(
                 settings.api_key, 0.0, None, 0, kind=Kind.API_KEY, properties=settings.properties
@@ -97,6 +103,10 @@ class ApiKeyCredential:
             self.listener(self.name, self.properties)
         return True
 
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        self.adopt(record, force=True)
+        self._unsaved = (record, events)
+
     def ready(self) -> tuple[bool, str]:
         record = self.record
         if record is None or record.state is not State.OK:
@@ -117,6 +127,15 @@ class ApiKeyCredential:
     async def reload(self) -> None:
         if self.settings.api_key is not None:
             return
+        if self._unsaved is not None:
+            # A key Cloudbeds issued while the store was down: it exists nowhere else, and
+            # an authorisation wins over whatever was written meanwhile.
+            record, events = self._unsaved
+            stored = await self._store.load(self.name)
+            if stored is not None and stored.generation >= record.generation:
+                record = dataclasses.replace(record, generation=stored.generation + 1)
+            await self._store.put(self.name, record, events=events)
+            self._unsaved = None
         stored = await self._store.load(self.name)
         if stored is not None:
             self.adopt(stored)

@@ -104,6 +104,25 @@ class TokenStore(Protocol):
     async def close(self) -> None: ...
 
 
+class SharedBudgets(Protocol):
+    """The rate limiter's state shared by a fleet (Redis), on the store's own clock.
+
+    Every call raises `StoreUnavailable` when the store cannot answer; the limiter then
+    falls back to a local share. `proxy.ratelimit` holds the rules these apply.
+    """
+
+    async def budget_admit(
+        self, budget: str, interval: float, burst: int, max_wait: float
+    ) -> tuple[float, float, float, float]:
+        """(allowed 1 or 0, delay, paused for, tat - now) for the next request of `budget`."""
+
+    async def budget_pause(self, budget: str, seconds: float) -> None:
+        """No slot of `budget` starts for `seconds` (Cloudbeds asked for a pause)."""
+
+    async def heartbeat(self, replica_id: str, dead_after: float) -> int:
+        """Register this replica as alive; the number of replicas alive."""
+
+
 class RecordCodec:
     """A record as stored text: JSON, its tokens encrypted when a cipher is set.
 

@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 
 from proxy.config import load_settings
+from proxy.errors import StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds
+from proxy.redis_store import RedisStore
 from tests.support import fake_env, free_port
 
 Fake = tuple[FakeCloudbeds, str]
@@ -511,3 +513,36 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.redis
+async def test_an_install_while_the_store_is_down_is_kept_and_written_back(
+    fake_cloudbeds: Fake, partner: Any, private_redis: Any
+) -> None:
+    """The code is single use: its grant exists nowhere else, so it is never dropped."""
+    state, _ = fake_cloudbeds
+    proxy = await partner(CBPROXY_REDIS_URL=private_redis.url, CBPROXY_POLL_INTERVAL="0.2")
+    private_redis.stop()
+    for kind, app, client in (("oauth", "partner", PARTNER[0]), ("api_key", "keys", KEYS[0])):
+        prop = "6101" if kind == "oauth" else "6102"
+        connection = await install(
+            proxy, state.marketplace_install(client, properties=[prop]), app=app
+        )
+        assert connection["kind"] == kind
+        status, _, _ = await call("GET", proxy + API, headers={"X-PROPERTY-ID": prop})
+        assert status == 200
+    private_redis.start()
+    store = RedisStore.from_url(private_redis.url, prefix="cbproxy")
+
+    async def written() -> bool:
+        try:
+            return all(
+                [await store.load("partner.property.6101"), await store.load("keys.property.6102")]
+            )
+        except StoreUnavailable:
+            return False
+
+    await eventually(written)
+    stored = await store.load("keys.property.6102")
+    assert stored is not None and stored.access_token in state.valid_api_keys()
+    await store.close()
