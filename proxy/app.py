@@ -34,7 +34,7 @@ from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
-from proxy.registry import Registry
+from proxy.registry import MakeCredential, Registry
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
 
@@ -157,25 +157,10 @@ async def _runtime(
         register_secret(secret, configured=True)
     connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    limiter = _limiter(settings, store, metrics, clock)
-
-    def make(cred: CredentialSettings) -> Credential:
-        if cred.kind is Kind.API_KEY:
-            return ApiKeyCredential(cred, store)
-        return OAuthCredential(
-            cred,
-            settings,
-            store=store,
-            session=session,
-            metrics=metrics,
-            clock=clock,
-            # A refresh counts against the budget but must not lose to a flood of
-            # requests: it may wait for its slot as long as its lock outlives the call.
-            gate=functools.partial(
-                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
-            ),
-        )
-
+    limiter = make_limiter(settings, store, metrics, clock)
+    make = credential_factory(
+        settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock
+    )
     registry = Registry(settings, store, make, metrics, clock)
     forwarder = Forwarder(
         settings, session, registry, limiter, metrics, callers=Callers(settings.callers)
@@ -212,7 +197,38 @@ async def _runtime(
         await store.close()
 
 
-def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
+def credential_factory(
+    settings: Settings,
+    store: TokenStore,
+    *,
+    session: aiohttp.ClientSession,
+    limiter: Limiter,
+    metrics: Metrics,
+    clock: Clock,
+) -> MakeCredential:
+    """How a replica (or a one-shot CLI command) makes a connection's credential."""
+
+    def make(cred: CredentialSettings) -> Credential:
+        if cred.kind is Kind.API_KEY:
+            return ApiKeyCredential(cred, store)
+        return OAuthCredential(
+            cred,
+            settings,
+            store=store,
+            session=session,
+            metrics=metrics,
+            clock=clock,
+            # A refresh counts against the budget but must not lose to a flood of
+            # requests: it may wait for its slot as long as its lock outlives the call.
+            gate=functools.partial(
+                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
+            ),
+        )
+
+    return make
+
+
+def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
     """One budget per configured credential and one per app, shared by its connections."""
     limits = {
         c.budget: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)

@@ -1,4 +1,5 @@
-"""The `cloudbeds-proxy` command: serve, demo, check-config, auth, token, fake-cloudbeds."""
+"""The `cloudbeds-proxy` command: serve, demo, check-config, auth, token, connections,
+fake-cloudbeds (`connections` lives in `proxy.cli_connections`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from aiohttp import web
 
-from proxy import logs
+from proxy import cli_connections, logs
 from proxy.app import create_app, make_store
 from proxy.clock import system_clock
 from proxy.config import (
@@ -96,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     refresh = token.add_parser("refresh", parents=[common], help="refresh one credential now")
     refresh.add_argument("name", nargs="?", default=DEFAULT_CREDENTIAL)
     refresh.set_defaults(func=lambda a: _run(_token_refresh(a)))
+
+    cli_connections.add_parser(sub, common)
 
     fake = sub.add_parser("fake-cloudbeds", help="run the fake Cloudbeds API")
     fake.add_argument("--host", default="127.0.0.1")
@@ -252,9 +255,18 @@ async def _auth_exchange(args: argparse.Namespace) -> int:
 async def _token_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.redis_url is None:
-        # The in-process store lives inside the running proxy: ask it.
+        # Configured credentials live inside the running proxy: ask it. App connections
+        # are counted from the state file they share, if there is one.
         url = f"http://{settings.host}:{settings.port}/_proxy/tokens"
-        print(json.dumps(await asyncio.to_thread(_get_json, url), indent=2))
+        answer = await asyncio.to_thread(_get_json, url)
+        shared = await asyncio.to_thread(os.path.isfile, settings.state_file)
+        if settings.apps and shared:
+            store = make_store(settings)
+            try:
+                answer["connections"] = await cli_connections.counts(store)
+            finally:
+                await store.close()
+        print(json.dumps(answer, indent=2))
         return 0
     store = make_store(settings)
     out: dict[str, Any] = {}
@@ -271,6 +283,9 @@ async def _token_status(args: argparse.Namespace) -> int:
                 "expires_in": round(record.seconds_left(system_clock()), 1) if record else None,
                 "last_refresh": record.refreshed_at if record else None,
             }
+        if settings.apps:
+            # App connections by app and state: counts, never one line per connection.
+            out["connections"] = await cli_connections.counts(store)
     except StoreUnavailable as exc:
         print(f"cloudbeds-proxy: {exc.message}", file=sys.stderr)
         return 1

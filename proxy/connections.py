@@ -36,12 +36,15 @@ from proxy.clock import Clock
 from proxy.config import CONNECTION_ID, AppSettings, Settings
 from proxy.errors import (
     AuthorizationFailed,
+    ConnectionDisconnected,
     InvalidConnection,
     NoUsableToken,
+    ReauthorizationRequired,
     StoreUnavailable,
     TokenEndpointError,
     UnknownApp,
     UnknownConnection,
+    UpstreamUnreachable,
 )
 from proxy.events import Event, EventType, new_event
 from proxy.logs import register_secret
@@ -267,6 +270,9 @@ class Connections:
                 record = dataclasses.replace(record, access_token=None, expires_at=0.0)
             if metadata is not None:
                 record = dataclasses.replace(record, metadata=metadata)
+            if stored is not None and "properties" not in body:
+                # Not given, like metadata, they are kept (until a refresh's `resources`).
+                record = dataclasses.replace(record, properties=stored.properties)
             return record, install_event(stored)
 
         record = await self.write(name, build, Write.AUTHORIZATION)
@@ -376,16 +382,32 @@ class Connections:
             log.info("connection.app_state.disabled", connection=name, property=prop, status=status)
 
     async def refresh(self, name: str) -> TokenRecord:
-        await self.get(name)
-        credential = self._registry.connections.get(name)
+        """Refresh an OAuth connection now, through its lock and compare-and-set.
+
+        Answers only a refresh that landed (a newer generation, here or by another replica
+        meanwhile); a refusal, a failed call or a lock held elsewhere is an error.
+        """
+        before = await self.get(name)
+        _refreshable(name, before)
+        credential = await self._registry.load(name)
         refresh_now = getattr(credential, "refresh_now", None)
-        if refresh_now is None:
+        if credential is None or refresh_now is None:
             raise InvalidConnection(
                 f"connection {name!r} is not an OAuth connection this proxy serves: an API key "
                 "never refreshes, and a connection of an unconfigured app is not served"
             )
         await refresh_now()
-        return await self.get(name)
+        after = await self.get(name)
+        _refreshable(name, after)
+        if after.generation > before.generation:
+            return after
+        reason = credential.status().get("last_error")
+        if reason:
+            raise UpstreamUnreachable(
+                f"the refresh of {name!r} failed ({reason}); the connection keeps its current "
+                "token, and the proxy retries on its own"
+            )
+        raise NoUsableToken(f"connection {name!r} is refreshing elsewhere right now; retry shortly")
 
     async def migrate(self, name: str) -> TokenRecord:
         """Move an OAuth connection to an API key (`refresh_token_exchange`), once."""
@@ -423,3 +445,16 @@ class Connections:
             migrated = await self.write(name, build, Write.AUTHORIZATION)
         log.info("connection.migrated", connection=name, kind=Kind.API_KEY.value)
         return migrated
+
+
+def _refreshable(name: str, record: TokenRecord) -> None:
+    """Only an `ok` OAuth connection refreshes; say what the others need instead."""
+    if record.state is State.DISCONNECTED:
+        raise ConnectionDisconnected(
+            f"connection {name!r} was disconnected; the property must install the app again"
+        )
+    if record.state is State.REAUTHORIZATION_REQUIRED:
+        raise ReauthorizationRequired(
+            f"Cloudbeds rejected the refresh token of connection {name!r}; the property must "
+            "install the app again, or import a new refresh token"
+        )

@@ -14,6 +14,10 @@
   single-credential setup (a `default` credential and no apps), where it goes to `default`
   as it always has; one covered by several connections is 409 `ambiguous_property`
   unless `X-Cloudbeds-App` narrows it to one.
+- One-shot (a CLI command): nothing is loaded at start and nothing runs in the background;
+  a credential is made only when the command asks for it (`load`), so a command on a store
+  of 10,000 connections makes one credential, and its refresh still goes through the
+  store's lock and compare-and-set like a replica's.
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ class Registry:
         make: MakeCredential,
         metrics: Metrics,
         clock: Clock,
+        *,
+        one_shot: bool = False,
     ) -> None:
         self._settings, self._store, self._make, self._metrics = settings, store, make, metrics
-        self._clock = clock
+        self._clock, self._one_shot = clock, one_shot
         self._used: dict[str, float] = {}
         self.connections: dict[str, Credential] = {}
         self._covered: dict[str, tuple[str, ...]] = {}
@@ -125,15 +131,28 @@ class Registry:
             await self._remove(name)  # migrated to an API key: a credential of the other kind
             credential = None
         if credential is None:
-            app = self._settings.app(record.app) if record.app else None
-            if app is None:
-                self._skip(name, record)
-                return None
-            settings = dataclasses.replace(app.connection(name), kind=record.kind)
-            credential = await self._add(settings, record)
-        else:
-            credential.adopt(record)
+            # One-shot: a write that lands makes no credential the command did not ask for.
+            return None if self._one_shot else await self._create(name, record)
+        credential.adopt(record)
         return credential
+
+    async def load(self, name: str) -> Credential | None:
+        """Connection `name`'s credential, made from its stored record if not served yet."""
+        credential = self.connections.get(name)
+        if credential is None and (record := await self._store.load(name)) is not None:
+            credential = await self._create(name, record)
+        return credential
+
+    async def _create(self, name: str, record: TokenRecord) -> Credential | None:
+        configured = self._settings.credential(name) if record.app is None else None
+        if configured is not None:
+            return await self._add(configured, None)  # a one-shot command's configured one
+        app = self._settings.app(record.app) if record.app else None
+        if app is None:
+            self._skip(name, record)
+            return None
+        settings = dataclasses.replace(app.connection(name), kind=record.kind)
+        return await self._add(settings, record)
 
     def _skip(self, name: str, record: TokenRecord) -> None:
         if record.app and record.app not in self._unknown_apps:
@@ -152,9 +171,10 @@ class Registry:
             credential.adopt(record)
         await credential.start()
         self.connections[settings.name] = credential
-        self._tasks[settings.name] = asyncio.create_task(
-            credential.run(), name=f"refresh:{settings.name}"
-        )
+        if not self._one_shot:
+            self._tasks[settings.name] = asyncio.create_task(
+                credential.run(), name=f"refresh:{settings.name}"
+            )
         self._index(settings.name, credential.properties)
         return credential
 
