@@ -267,6 +267,7 @@ async def _poll(runtime: Runtime) -> None:
         else:
             if not store_ok:
                 log.info("store.available")
+                runtime.registry.resume()
             store_ok = True
         await asyncio.sleep(runtime.settings.poll_interval)
 

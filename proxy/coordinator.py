@@ -258,9 +258,15 @@ class OAuthCredential:
         events: tuple[Event, ...] = (),
         rebase: bool = True,
     ) -> None:
-        """Write `record` (with `events`); if the store refused it, `resolve` decides."""
+        """Write `record` (with `events`); if the store refused it, `resolve` decides.
+
+        Until the store has answered both the write and, after a refusal, what it holds
+        instead, the record stays unsaved and the poll writes it again: a grant is never
+        dropped because the store went away between the two calls.
+        """
         try:
             written = await self._store.put(self.name, record, events=events)
+            stored = None if written else await self._store.load(self.name)
         except StoreUnavailable:
             self._metrics.redis_errors.labels("put").inc()
             self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
@@ -268,11 +274,6 @@ class OAuthCredential:
             return
         if self._unsaved is record:
             self._unsaved = None  # only this record: a newer one may have failed meanwhile
-        if written:
-            return
-        stored = None
-        with contextlib.suppress(StoreUnavailable):
-            stored = await self._store.load(self.name)
         if stored is None:
             return
         if rebase and resolve(record, stored, write) is Outcome.REBASE:

@@ -70,6 +70,7 @@ class Registry:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._position = "0"
         self._unknown_apps: set[str] = set()
+        self._resumed = asyncio.Event()
         metrics.count_connections(self.counts)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -215,8 +216,17 @@ class Registry:
                     self._position = position
             except StoreUnavailable:
                 self._metrics.redis_errors.labels("feed").inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            # The feed is how changes arrive: retry soon, and at once when the poll sees
+            # the store back (`resume`).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._resumed.wait()
+            self._resumed.clear()
+            delay = min(delay * 2, 2.0)
+
+    def resume(self) -> None:
+        """The store answers again: follow the feed now rather than after the backoff."""
+        self._resumed.set()
 
     def route(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Credential:
         """The connection a request is for (see the rules at the top of this module)."""
