@@ -496,6 +496,11 @@ def _credential(
 
 
 def _check(settings: Settings) -> None:
+    if settings.events_url and not settings.events_secret:
+        raise ConfigError(
+            "CBPROXY_EVENTS_SECRET: required when CBPROXY_EVENTS_URL is set (the key that "
+            "signs every event; or CBPROXY_EVENTS_SECRET_FILE)"
+        )
     if settings.token_timeout >= settings.lock_ttl:
         raise ConfigError(
             "CBPROXY_LOCK_TTL: must exceed CBPROXY_TOKEN_TIMEOUT, or a slow refresh "

@@ -118,9 +118,12 @@ class Connections:
         limiter: Limiter,
         *,
         clock: Clock,
+        on_events: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings, self._store, self._session = settings, store, session
         self._registry, self._limiter, self._clock = registry, limiter, clock
+        self._on_events = on_events
+        """Called after a write that carried events (wakes this replica's delivery)."""
 
     def app(self, name: str) -> AppSettings:
         app = self._settings.app(name)
@@ -217,6 +220,8 @@ class Connections:
             if event_type is not None and self._settings.events_url:
                 events = (new_event(event_type, record.view(name), self._clock()),)
             if await self._store.put(name, record, events=events):
+                if events:
+                    self._on_events()
                 await self._registry.apply(name, record)
                 return record
             now_stored = await self._store.load(name)

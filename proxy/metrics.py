@@ -1,7 +1,8 @@
 """Prometheus metrics, all in one registry that the app factory passes around.
 
 Labels are credential names, methods, status classes and error codes: never a secret,
-never a path (paths carry reservation and guest ids).
+never a path (paths carry reservation and guest ids). Event metrics carry only bounded
+labels (an outcome), never an event or connection id.
 """
 
 from __future__ import annotations
@@ -87,5 +88,17 @@ class Metrics:
             "cbproxy_ratelimit_paused",
             "1 while Cloudbeds asked this credential to pause",
             ["credential"],
+            registry=r,
+        )
+        self.event_deliveries = Counter(
+            "cbproxy_event_deliveries",
+            "Event delivery attempts by outcome (delivered, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        self.events_pending = Gauge(
+            "cbproxy_events_pending",
+            "Undelivered events in the outbox as the delivering replica last read it "
+            "(0 on the others; at most one read's batch)",
             registry=r,
         )
