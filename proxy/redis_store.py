@@ -394,6 +394,8 @@ class RedisStore:
             )
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:  # ZRANGE 0 -1 would be the whole outbox
+            return []
         with _redis_errors():
             ids: list[Any] = list(await self.client.zrange(self.base + "outbox", 0, limit - 1))
             raws = await self.client.hmget(self.base + "outbox:data", ids) if ids else []

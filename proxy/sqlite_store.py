@@ -240,6 +240,8 @@ class SqliteStore:
         return await self._run(take)
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:  # a negative LIMIT would be the whole outbox
+            return []
         rows = await self._run(
             lambda db: db.execute(
                 "SELECT data FROM outbox ORDER BY seq LIMIT ?", (limit,)

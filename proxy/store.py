@@ -246,6 +246,8 @@ class MemoryStore:
         return True
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:
+            return []
         return list(self._outbox.values())[:limit]
 
     async def outbox_done(self, event_id: str) -> None:
