@@ -22,7 +22,7 @@ from proxy.events import (
 )
 
 NOW = 1_700_000_000.0
-SECRET = "whsec-test"  # noqa: S105
+SECRET = "whsec-test"
 
 
 def event(connection: str, *, next_at: float = 0.0, n: int = 0) -> Event:
