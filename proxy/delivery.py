@@ -113,8 +113,12 @@ class Delivery:
         pending = await self._store.outbox_pending(BATCH)
         self._metrics.events_pending.set(len(pending))
         due = deliverable(pending, self._clock())
-        results = await asyncio.gather(*(self._slot(event) for event in due))
-        return any(results)
+        # Every POST of the round finishes (or fails) before a store error goes up.
+        results = await asyncio.gather(*(self._slot(e) for e in due), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return any(result is True for result in results)
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -131,13 +135,9 @@ class Delivery:
 
     async def _slot(self, event: Event) -> bool:
         async with self._slots:
-            try:
-                # Renewed before each POST: a slow round must not outlive the lease.
-                return await self._lease() and await self.deliver(event)
-            except StoreUnavailable:
-                # Delivered or not, the event stays pending and is sent again later.
-                self._store_lost()
-                return False
+            # Renewed before each POST: a slow round must not outlive the lease. A store
+            # error after the POST leaves the event pending: it is sent again (at least once).
+            return await self._lease() and await self.deliver(event)
 
     async def deliver(self, event: Event) -> bool:
         """POST one event and record the outcome; True when the receiver took it."""

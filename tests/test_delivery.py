@@ -15,6 +15,7 @@ import pytest
 from proxy.clock import FakeClock
 from proxy.config import ConfigError, load_settings
 from proxy.delivery import LEASE_TTL, Delivery
+from proxy.errors import StoreUnavailable
 from proxy.events import RETRY_FOR, Event, EventType, new_event
 from proxy.metrics import Metrics
 from proxy.store import MemoryStore
@@ -336,6 +337,51 @@ async def test_the_loop_polls_and_wakes_at_once_on_a_local_write(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert store.calls.count("pending") >= 2
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore whose outbox writes fail while `down` is set."""
+
+    down = False
+
+    async def outbox_done(self, event_id: str) -> None:
+        if self.down:
+            raise StoreUnavailable("the store is down (test)")
+        await super().outbox_done(event_id)
+
+
+async def test_a_store_error_after_the_post_sends_the_event_again(
+    session: aiohttp.ClientSession,
+    clock: FakeClock,
+    metrics: Metrics,
+    receiver: Receiver,
+    captured_logs: io.StringIO,
+) -> None:
+    store = FlakyStore(clock)
+    sender = delivery(store, session, clock, metrics, receiver.url, poll_interval=3600)
+    await write(store, clock, "c", EventType.CREATED)
+    store.down = True
+    task = asyncio.create_task(sender.run())
+    try:
+        await receiver.wait_for(lambda: len(receiver.accepted) == 1, timeout=10)
+        async with asyncio.timeout(10):
+            while "events.store_unavailable" not in captured_logs.getvalue():
+                await asyncio.sleep(0.01)
+        assert len(await store.outbox_pending(10)) == 1, "not marked done: still pending"
+        store.down = False
+        sender.wake()
+        await receiver.wait_for(lambda: len(receiver.accepted) == 2, timeout=10)
+        async with asyncio.timeout(10):
+            while await store.outbox_pending(10):
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    first, again = receiver.accepted
+    assert first == again, "at least once: the same event, the same id and body"
+    assert len(lines(captured_logs, "events.store_unavailable")) == 1
+    assert len(lines(captured_logs, "events.store_available")) == 1
+    assert metrics.registry.get_sample_value("cbproxy_redis_errors_total", {"operation": "outbox"})
 
 
 async def test_secret_and_signature_never_logged(
