@@ -70,13 +70,16 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
-        """The stored event; fields it does not know are ignored (a newer replica's, in a
-        rolling upgrade, must not stop an older lease holder's deliveries)."""
-        data = json.loads(raw)
-        known = {field.name for field in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["type"] = EventType(data["type"])
-        return cls(**data)
+        """The stored event, or ValueError. Fields it does not know are ignored (a newer
+        replica's, in a rolling upgrade, must not stop an older lease holder's deliveries)."""
+        try:
+            data = json.loads(raw)
+            known = {field.name for field in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+            data["type"] = EventType(data["type"])
+            return cls(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"not an event this version can read ({type(exc).__name__})") from None
 
 
 def new_event(type_: EventType, connection: dict[str, Any], now: float) -> Event:

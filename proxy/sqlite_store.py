@@ -29,7 +29,7 @@ from proxy.clock import Clock, system_clock
 from proxy.crypto import TokenCipher
 from proxy.errors import StoreUnavailable
 from proxy.events import Event
-from proxy.store import STATE_TTL, Page, RecordCodec
+from proxy.store import STATE_TTL, Page, RecordCodec, readable
 from proxy.tokens import TokenRecord
 
 T = TypeVar("T")
@@ -244,10 +244,10 @@ class SqliteStore:
             return []
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT data FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT event_id, data FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         )
-        return [Event.from_json(row[0]) for row in rows]
+        return readable((row[0], row[1]) for row in rows)
 
     async def outbox_done(self, event_id: str) -> None:
         def done(db: sqlite3.Connection) -> None:

@@ -9,6 +9,7 @@ the TTL Redis was given and removes the key as its expiry would.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,3 +172,35 @@ async def test_redis_replicas_share_one_outbox_and_one_lease(
     finally:
         await one.close()
         await two.close()
+
+
+NEWER = '{"id":"%s","type":"connection.migrated","occurred_at":1,"connection":{"id":"a"}}'
+
+
+async def store_raw(store: TokenStore, event_id: str, raw: str) -> None:
+    """Overwrite an outbox entry's stored JSON (as a newer replica or damage would)."""
+    if isinstance(store, RedisStore):
+        await store.client.hset(store.base + "outbox:data", event_id, raw)
+    else:
+        assert isinstance(store, SqliteStore)
+        await store._run(
+            lambda db: db.execute("UPDATE outbox SET data = ? WHERE event_id = ?", (raw, event_id))
+        )
+
+
+@pytest.mark.parametrize(
+    "store", ["sqlite", "fakeredis", pytest.param("redis", marks=M.redis)], indirect=True
+)
+@pytest.mark.parametrize("raw", [NEWER, "{not json", '{"id":"x"}', "[]"])
+async def test_an_unreadable_entry_is_skipped_and_kept(
+    store: TokenStore, clock: FakeClock, raw: str, captured_logs: io.StringIO
+) -> None:
+    events = [created("a", clock), created("b", clock), created("c", clock)]
+    assert await store.put("a", record(1), events=events)
+    await store_raw(store, events[1].id, raw % events[1].id if "%s" in raw else raw)
+    assert await store.outbox_pending(10) == [events[0], events[2]]
+    assert "events.unreadable" in captured_logs.getvalue()
+    # Left for a replica that can read it; the others are not held up behind it.
+    await store.outbox_done(events[0].id)
+    await store_raw(store, events[1].id, events[1].to_json())
+    assert await store.outbox_pending(10) == [events[1], events[2]]
