@@ -69,7 +69,7 @@ class Delivery:
         metrics: Metrics,
         clock: Clock,
         owner: str | None = None,
-        poll_interval: float = POLL_INTERVAL,
+        poll_interval: float | None = None,
         lease_ttl: float = LEASE_TTL,
         timeout: float | None = None,
         jitter: Callable[[], float] = random.random,
@@ -77,7 +77,8 @@ class Delivery:
         self._store, self._session, self._url, self._secret = store, session, url, secret
         self._metrics, self._clock, self._jitter = metrics, clock, jitter
         self.owner = owner or replica_id()
-        self._poll_interval, self._lease_ttl = poll_interval, lease_ttl
+        self._poll_interval = poll_interval if poll_interval is not None else POLL_INTERVAL
+        self._lease_ttl = lease_ttl
         # A POST may take a third of the lease's life in all (connect, send, answer).
         post_timeout = timeout if timeout is not None else lease_ttl / 3
         self._timeout = aiohttp.ClientTimeout(total=post_timeout)

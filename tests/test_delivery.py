@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import proxy.delivery
 from proxy.clock import FakeClock
 from proxy.config import ConfigError, load_settings
 from proxy.delivery import LEASE_TTL, Delivery
@@ -459,9 +460,14 @@ def app_env(fake_url: str, events_url: str) -> dict[str, str]:
     }
 
 
-async def test_the_app_delivers_what_the_admin_api_changes(
-    tmp_path: Path, fake_cloudbeds: tuple[Any, str], start_proxy: Any
+async def test_the_app_delivers_what_the_admin_api_changes_at_once(
+    tmp_path: Path,
+    fake_cloudbeds: tuple[Any, str],
+    start_proxy: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A poll interval no test waits out: only the admin write's wake can deliver.
+    monkeypatch.setattr(proxy.delivery, "POLL_INTERVAL", 3600.0)
     _, fake_url = fake_cloudbeds
     receiver = await Receiver(SECRET).start()  # the real clock, as the app's
     try:
