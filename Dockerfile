@@ -5,12 +5,19 @@
 #       -e CBPROXY_CLIENT_ID=... -e CBPROXY_CLIENT_SECRET_FILE=/run/secrets/client_secret ... \
 #       cloudbeds-proxy
 #
-# Two stages: the builder turns the project and every dependency into wheels; the
-# runtime installs them offline (--no-index), so the runtime stage never runs a build
-# backend and never reaches PyPI. Both stages use the same pinned base so the wheels
-# built in the first fit the second.
+# Two stages: the builder installs the project and every dependency into a virtual
+# environment, /opt/cloudbeds-proxy (no pip inside it); the runtime copies that one
+# directory, so the runtime stage never runs pip or a build backend, never reaches PyPI,
+# and no wheel or build file lands in any of its layers (a COPY then `rm` would leave
+# them in the layer below). Both stages use the same pinned base, so the environment's
+# python symlink and compiled extensions fit the second.
+#
+# BASE_IMAGE swaps the base of both stages for a Debian bookworm image with python3,
+# pip and venv (what the container tests build where no registry is reachable); its
+# default is the production base.
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
-FROM python:3.11.11-slim-bookworm AS builder
+FROM ${BASE_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,32 +26,41 @@ WORKDIR /src
 # The whole (filtered, see .dockerignore) context: pyproject.toml names README.md as the
 # long description, and the package lives in proxy/.
 COPY . .
-RUN pip wheel --wheel-dir /wheels .
+# The base's own pip installs into the environment (`--python`, pip >= 22.3).
+RUN python -m venv --without-pip /opt/cloudbeds-proxy \
+    && pip --python /opt/cloudbeds-proxy/bin/python install .
 
 
-FROM python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PATH=/opt/cloudbeds-proxy/bin:$PATH
 
 # A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it and mounted
 # secrets can be made readable with fsGroup 10001.
 RUN groupadd --system --gid 10001 cbproxy \
     && useradd --system --uid 10001 --gid cbproxy --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin cbproxy
+       --home-dir /nonexistent --shell /usr/sbin/nologin cbproxy \
+    && mkdir -p /var/lib/cloudbeds-proxy \
+    && chown cbproxy:cbproxy /var/lib/cloudbeds-proxy \
+    && chmod 0700 /var/lib/cloudbeds-proxy
 
-COPY --from=builder /wheels /tmp/wheels
-RUN pip install --no-index --find-links=/tmp/wheels /tmp/wheels/cloudbeds_proxy-*.whl \
-    && rm -rf /tmp/wheels
+COPY --from=builder /opt/cloudbeds-proxy /opt/cloudbeds-proxy
 
 # Inside a container the proxy must listen on every interface (the default, 127.0.0.1,
 # is for running it directly on a host). Publish the port on the host's loopback only
 # (-p 127.0.0.1:8080:8080): whoever reaches this port uses the Cloudbeds credential.
 ENV CBPROXY_HOST=0.0.0.0 \
     CBPROXY_PORT=8080 \
-    CBPROXY_SHUTDOWN_GRACE=25
+    CBPROXY_SHUTDOWN_GRACE=25 \
+    CBPROXY_STATE_FILE=/var/lib/cloudbeds-proxy/state.db
+
+# Without Redis the proxy keeps connections and tokens in CBPROXY_STATE_FILE: refresh
+# tokens that Cloudbeds rotated exist nowhere else, so the directory is a volume (and the
+# only place the user may write on a read-only root filesystem, besides /tmp).
+VOLUME ["/var/lib/cloudbeds-proxy"]
+WORKDIR /var/lib/cloudbeds-proxy
 
 USER 10001:10001
 EXPOSE 8080

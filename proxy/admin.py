@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from proxy.config import CONNECTION_ID
-from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection
+from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection, RecordUnreadable
+from proxy.store import TokenStore
 from proxy.tokens import State, TokenRecord
 
 if TYPE_CHECKING:
@@ -45,46 +46,88 @@ def _runtime(request: web.Request) -> Runtime:
     return runtime
 
 
-async def _views(runtime: Runtime, pairs: list[tuple[str, TokenRecord]]) -> list[dict[str, Any]]:
-    used = await runtime.store.last_used([name for name, _ in pairs])
-    return [record.view(name, used.get(name)) for name, record in pairs]
+Listed = TokenRecord | RecordUnreadable
+"""A listed connection: its record, or the error that its stored record cannot be read."""
+
+
+async def views(store: TokenStore, pairs: list[tuple[str, Listed]]) -> list[dict[str, Any]]:
+    """Public views of connections, with their last-used times; an unreadable one says so."""
+    used = await store.last_used([name for name, _ in pairs])
+    return [
+        {"id": name, "state": "store_unreadable", "error": record.message}
+        if isinstance(record, RecordUnreadable)
+        else record.view(name, used.get(name))
+        for name, record in pairs
+    ]
+
+
+async def listing(
+    store: TokenStore,
+    *,
+    app: str | None = None,
+    prop: str | None = None,
+    state: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of connection views and the next page's cursor (the API's and the CLI's)."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidConnection(f"limit: a whole number from 1 to {MAX_LIMIT}")
+    states = [*(s.value for s in State), "store_unreadable"]
+    if state is not None and state not in states:
+        raise InvalidConnection(f"state: one of {', '.join(states)}")
+    pairs: list[tuple[str, Listed]]
+    if prop is not None:
+        names = [n for n in await store.covering(prop) if cursor is None or n > cursor]
+        chosen = names[:limit]
+        following = chosen[-1] if len(names) > limit else None
+        pairs = []
+        for name in chosen:
+            try:
+                found = await store.load(name)
+            except RecordUnreadable as exc:
+                pairs.append((name, exc))
+                continue
+            if found is not None:
+                pairs.append((name, found))
+    else:
+        pairs, following = await store.page(app=app, cursor=cursor, limit=limit)
+    pairs = [(n, r) for n, r in pairs if _matches(r, app, state)]
+    return await views(store, pairs), following
+
+
+def _matches(record: Listed, app: str | None, state: str | None) -> bool:
+    if isinstance(record, RecordUnreadable):
+        return state in (None, "store_unreadable")
+    return (app is None or record.app == app) and (state is None or record.state.value == state)
 
 
 async def _answer(
     runtime: Runtime, name: str, record: TokenRecord, status: int = 200
 ) -> web.Response:
-    (view,) = await _views(runtime, [(name, record)])
+    (view,) = await views(runtime.store, [(name, record)])
     return web.json_response({"connection": view}, status=status)
 
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not raw.isdigit():
         raise InvalidConnection(f"limit: a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
 
 async def list_connections(request: web.Request) -> web.Response:
     runtime = _runtime(request)
-    query, limit = request.query, _limit(request)
-    app, prop, cursor = query.get("app"), query.get("property"), query.get("cursor") or None
-    state = query.get("state")
-    if state is not None and state not in {s.value for s in State}:
-        raise InvalidConnection(f"state: one of {', '.join(s.value for s in State)}")
-    if prop is not None:
-        names = [n for n in await runtime.store.covering(prop) if cursor is None or n > cursor]
-        chosen = names[:limit]
-        following = chosen[-1] if len(names) > limit else None
-        pairs = [(n, r) for n in chosen if (r := await runtime.store.load(n)) is not None]
-    else:
-        pairs, following = await runtime.store.page(app=app, cursor=cursor, limit=limit)
-    pairs = [
-        (n, r)
-        for n, r in pairs
-        if (app is None or r.app == app) and (state is None or r.state.value == state)
-    ]
-    views = await _views(runtime, pairs)
-    return web.json_response({"connections": views, "next_cursor": following})
+    query = request.query
+    found, following = await listing(
+        runtime.store,
+        app=query.get("app"),
+        prop=query.get("property"),
+        state=query.get("state"),
+        cursor=query.get("cursor") or None,
+        limit=_limit(request),
+    )
+    return web.json_response({"connections": found, "next_cursor": following})
 
 
 def _id(request: web.Request) -> str:

@@ -35,7 +35,7 @@ from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
-from proxy.registry import Registry
+from proxy.registry import MakeCredential, Registry
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
 
@@ -66,6 +66,8 @@ class Runtime:
 
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
+PUBLIC = web.AppKey("public", bool)
+"""Set on the internet-facing app, which forwards nothing (so checks no forward target)."""
 
 
 def make_store(settings: Settings) -> TokenStore:
@@ -94,10 +96,11 @@ def create_app(
     app.router.add_route("*", "/_proxy/readyz", endpoints.readyz)
     app.router.add_route("*", "/_proxy/metrics", endpoints.metrics)
     app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
-    app.router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
-    app.router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
-    app.router.add_route("GET", "/_proxy/apps/{app}/install", endpoints.app_install)
-    app.router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
+    # With CBPROXY_PUBLIC_PORT the install and callback paths are served only there (that
+    # port faces the internet and forwards nothing); otherwise here, beside the API.
+    public = _public_app(settings) if settings.public_port is not None else None
+    if public is None:
+        _add_install_routes(app.router)
     admin.add_routes(app.router)
     app.router.add_route("*", "/_proxy/{tail:(?s:.*)}", endpoints.not_found)
     # (?s): a decoded path may hold a newline; it must still reach the target checks.
@@ -106,7 +109,19 @@ def create_app(
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _runtime(settings, store or make_store(settings), clock, metrics) as runtime:
             app[RUNTIME] = runtime
-            yield
+            if public is None:
+                yield
+                return
+            public[RUNTIME] = runtime
+            runner = web.AppRunner(public, access_log=None, shutdown_timeout=2)
+            await runner.setup()
+            host = settings.public_host or settings.host
+            await web.TCPSite(runner, host, settings.public_port).start()
+            log.info("proxy.public_listener", host=host, port=settings.public_port)
+            try:
+                yield
+            finally:
+                await runner.cleanup()
 
     async def mark_stopping(app: web.Application) -> None:
         # on_shutdown runs as the listener closes, before the grace wait for requests.
@@ -120,6 +135,22 @@ def create_app(
     return app
 
 
+def _add_install_routes(router: web.UrlDispatcher) -> None:
+    router.add_route("*", "/_proxy/oauth/start", endpoints.oauth_start)
+    router.add_route("*", "/_proxy/oauth/callback", endpoints.oauth_callback)
+    router.add_route("GET", "/_proxy/apps/{app}/install", endpoints.app_install)
+    router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
+
+
+def _public_app(settings: Settings) -> web.Application:
+    """The internet-facing listener: installs and callbacks, and 404 for everything else."""
+    public = web.Application(middlewares=[request_middleware])
+    public[SETTINGS], public[PUBLIC] = settings, True
+    _add_install_routes(public.router)
+    public.router.add_route("*", "/{tail:(?s:.*)}", endpoints.not_found)
+    return public
+
+
 @contextlib.asynccontextmanager
 async def _runtime(
     settings: Settings, store: TokenStore, clock: Clock, metrics: Metrics | None
@@ -129,25 +160,10 @@ async def _runtime(
         register_secret(secret, configured=True)
     connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-    limiter = _limiter(settings, store, metrics, clock)
-
-    def make(cred: CredentialSettings) -> Credential:
-        if cred.kind is Kind.API_KEY:
-            return ApiKeyCredential(cred, store)
-        return OAuthCredential(
-            cred,
-            settings,
-            store=store,
-            session=session,
-            metrics=metrics,
-            clock=clock,
-            # A refresh counts against the budget but must not lose to a flood of
-            # requests: it may wait for its slot as long as its lock outlives the call.
-            gate=functools.partial(
-                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
-            ),
-        )
-
+    limiter = make_limiter(settings, store, metrics, clock)
+    make = credential_factory(
+        settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock
+    )
     registry = Registry(settings, store, make, metrics, clock)
     forwarder = Forwarder(
         settings, session, registry, limiter, metrics, callers=Callers(settings.callers)
@@ -218,7 +234,38 @@ def _delivery(
     )
 
 
-def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
+def credential_factory(
+    settings: Settings,
+    store: TokenStore,
+    *,
+    session: aiohttp.ClientSession,
+    limiter: Limiter,
+    metrics: Metrics,
+    clock: Clock,
+) -> MakeCredential:
+    """How a replica (or a one-shot CLI command) makes a connection's credential."""
+
+    def make(cred: CredentialSettings) -> Credential:
+        if cred.kind is Kind.API_KEY:
+            return ApiKeyCredential(cred, store)
+        return OAuthCredential(
+            cred,
+            settings,
+            store=store,
+            session=session,
+            metrics=metrics,
+            clock=clock,
+            # A refresh counts against the budget but must not lose to a flood of
+            # requests: it may wait for its slot as long as its lock outlives the call.
+            gate=functools.partial(
+                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
+            ),
+        )
+
+    return make
+
+
+def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
     """One budget per configured credential and one per app, shared by its connections."""
     limits = {
         c.budget: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
@@ -228,12 +275,9 @@ def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clo
         limits[f"app:{app.name}"] = RateLimit(
             app.rate_limit, app.rate_burst, settings.rate_max_wait
         )
-    # The limiter's script needs one slot per budget: keys carry the store's hash tag.
-    redis = store.client if isinstance(store, RedisStore) else None
     return Limiter(
         limits,
-        redis=redis,
-        key=store.key if isinstance(store, RedisStore) else lambda name, suffix: f"{name}:{suffix}",
+        shared=store if isinstance(store, RedisStore) else None,
         metrics=metrics,
         replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         clock=clock,
@@ -242,13 +286,15 @@ def _limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clo
 
 
 async def _poll(runtime: Runtime) -> None:
-    """The fallback for a missed change, the last-used batch, and the store's comings and goings."""
+    """Write-backs after an outage, the last-used batch, and the store's comings and goings."""
     store_ok = True
     while True:
         try:
             await runtime.store.ping()
             await runtime.registry.flush_used()
-            for credential in list(runtime.registry.connections.values()):
+            # Only what an outage left unwritten: the change feed brings everything else,
+            # so an idle fleet costs the store nothing per connection.
+            for credential in [c for c in runtime.registry.connections.values() if c.unsaved]:
                 await credential.reload()
         except StoreUnavailable:
             if store_ok:
@@ -282,7 +328,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = asyncio.get_running_loop().time()
     response: web.StreamResponse | None = None
     try:
-        if not request.raw_path.startswith("/_proxy/"):
+        if not request.raw_path.startswith("/_proxy/") and not request.app.get(PUBLIC):
             # Before routing decides anything: CONNECT and absolute-form targets match no route.
             check_target(request.method, request.raw_path)
         response = await handler(request)
@@ -322,7 +368,9 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
     headers = {PROXY_ERROR_HEADER: exc.code, REQUEST_ID: request[EXCHANGE].request_id}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if endpoints.wants_html(request) and request.path.startswith("/_proxy/oauth/"):
+    if endpoints.wants_html(request) and request.path.startswith(
+        ("/_proxy/oauth/", "/_proxy/apps/")
+    ):
         return web.Response(
             status=exc.status,
             text=endpoints.error_page(exc),

@@ -1,4 +1,5 @@
-"""The `cloudbeds-proxy` command: serve, demo, check-config, auth, token, fake-cloudbeds."""
+"""The `cloudbeds-proxy` command: serve, demo, check-config, auth, token, connections,
+fake-cloudbeds (`connections` lives in `proxy.cli_connections`)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from proxy import logs
+from proxy import cli_connections, logs
 from proxy.app import create_app, make_store
 from proxy.clock import system_clock
 from proxy.config import (
@@ -94,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     refresh = token.add_parser("refresh", parents=[common], help="refresh one credential now")
     refresh.add_argument("name", nargs="?", default=DEFAULT_CREDENTIAL)
     refresh.set_defaults(func=lambda a: _run(_token_refresh(a)))
+
+    cli_connections.add_parser(sub, common)
 
     fake = sub.add_parser("fake-cloudbeds", help="run the fake Cloudbeds API")
     fake.add_argument("--host", default="127.0.0.1")
@@ -250,9 +255,18 @@ async def _auth_exchange(args: argparse.Namespace) -> int:
 async def _token_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.redis_url is None:
-        # The in-process store lives inside the running proxy: ask it.
+        # Configured credentials live inside the running proxy: ask it. App connections
+        # are counted from the state file they share, if there is one.
         url = f"http://{settings.host}:{settings.port}/_proxy/tokens"
-        print(json.dumps(await asyncio.to_thread(_get_json, url), indent=2))
+        answer = await asyncio.to_thread(_get_json, url)
+        shared = await asyncio.to_thread(os.path.isfile, settings.state_file)
+        if settings.apps and shared:
+            store = make_store(settings)
+            try:
+                answer["connections"] = await cli_connections.counts(store)
+            finally:
+                await store.close()
+        print(json.dumps(answer, indent=2))
         return 0
     store = make_store(settings)
     out: dict[str, Any] = {}
@@ -269,6 +283,9 @@ async def _token_status(args: argparse.Namespace) -> int:
                 "expires_in": round(record.seconds_left(system_clock()), 1) if record else None,
                 "last_refresh": record.refreshed_at if record else None,
             }
+        if settings.apps:
+            # App connections by app and state: counts, never one line per connection.
+            out["connections"] = await cli_connections.counts(store)
     except StoreUnavailable as exc:
         print(f"cloudbeds-proxy: {exc.message}", file=sys.stderr)
         return 1
@@ -306,15 +323,35 @@ def _fake(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_APP = ("demo-partner-client", "demo-partner-secret")
+
+
 async def _demo(args: argparse.Namespace) -> int:
-    """The proxy and a fake Cloudbeds in one process: try it with no Cloudbeds account."""
+    """The proxy and a fake Cloudbeds in one process: try it with no Cloudbeds account.
+
+    It serves the fake's own credential (a hotel with its own API credentials) and a
+    partner app, `demo`, that properties install: each install link that is followed
+    makes a connection for a new property (2001, 2002, ...).
+    """
     logs.configure("console")
-    fake_runner = web.AppRunner(create_fake_app(FakeCloudbeds()))
+    fake_state = FakeCloudbeds()
+    fake_runner = web.AppRunner(create_fake_app(fake_state))
     await fake_runner.setup()
     site = web.TCPSite(fake_runner, "127.0.0.1", 0)
     await site.start()
     fake_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     fake = f"http://127.0.0.1:{fake_port}"
+    port = args.port if args.port is not None else 8080
+    base = f"http://127.0.0.1:{port}"
+    fake_state.add_app(*DEMO_APP, f"{base}/_proxy/apps/demo/callback")
+    workdir = tempfile.mkdtemp(prefix="cloudbeds-proxy-demo-")
+    config = Path(workdir, "demo.toml")
+    await asyncio.to_thread(
+        config.write_text,
+        "[apps.demo]\n"
+        f'client_id = "{DEMO_APP[0]}"\nclient_secret = "{DEMO_APP[1]}"\n'
+        f'redirect_uri = "{base}/_proxy/apps/demo/callback"\n',
+    )
     env = {
         **os.environ,
         "CBPROXY_UPSTREAM_URL": fake,
@@ -324,17 +361,23 @@ async def _demo(args: argparse.Namespace) -> int:
         "CBPROXY_CLIENT_SECRET": "fake-client-secret",
         "CBPROXY_REFRESH_TOKEN": "fake-refresh-token",
         "CBPROXY_LOG_FORMAT": "console",
+        "CBPROXY_PORT": str(port),
+        "CBPROXY_ADMIN_TOKEN": "demo-admin-token",
+        "CBPROXY_STATE_FILE": str(Path(workdir, "state.db")),
     }
-    if args.port is not None:
-        env["CBPROXY_PORT"] = str(args.port)
-    settings = load_settings(env)
+    settings = load_settings(env, str(config))
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
-    base = f"http://{settings.host}:{settings.port}"
+    admin = "-H 'Authorization: Bearer demo-admin-token'"
     print(
-        f"\nfake Cloudbeds: {fake}\nproxy:          {base}\n\nTry:\n"
-        f"  curl {base}/api/v1.3/getHotels\n  curl {base}/_proxy/tokens\n\nCtrl-C stops.",
+        f"\nfake Cloudbeds: {fake}\nproxy:          {base}\n\n"
+        f"A hotel with its own credential:\n  curl {base}/api/v1.3/getHotels\n\n"
+        "A partner app that properties install (open the link in a browser, or):\n"
+        f"  curl -sL -H 'Accept: application/json' {base}/_proxy/apps/demo/install\n"
+        "then call the API for the new property (the first install is property 2001):\n"
+        f"  curl -H 'X-PROPERTY-ID: 2001' {base}/api/v1.3/getHotels\n"
+        f"  curl {admin} {base}/_proxy/admin/connections\n\nCtrl-C stops.",
         flush=True,
     )
     try:

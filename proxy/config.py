@@ -496,11 +496,18 @@ def _credential(
 
 
 def _check(settings: Settings) -> None:
+    if settings.public_port is not None and settings.public_port == settings.port:
+        raise ConfigError(
+            "CBPROXY_PUBLIC_PORT: must differ from CBPROXY_PORT (the public listener serves "
+            "only installs and callbacks)"
+        )
     if settings.events_url and not settings.events_secret:
         raise ConfigError(
-            "CBPROXY_EVENTS_SECRET: required when CBPROXY_EVENTS_URL is set (the key that "
-            "signs every event; or CBPROXY_EVENTS_SECRET_FILE)"
+            "CBPROXY_EVENTS_SECRET: required with CBPROXY_EVENTS_URL (it signs events)"
         )
+    tokens = [c.token for c in settings.callers]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError("[callers]: two callers have the same token; give each its own")
     if settings.token_timeout >= settings.lock_ttl:
         raise ConfigError(
             "CBPROXY_LOCK_TTL: must exceed CBPROXY_TOKEN_TIMEOUT, or a slow refresh "

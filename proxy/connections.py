@@ -36,12 +36,15 @@ from proxy.clock import Clock
 from proxy.config import CONNECTION_ID, AppSettings, Settings
 from proxy.errors import (
     AuthorizationFailed,
+    ConnectionDisconnected,
     InvalidConnection,
     NoUsableToken,
+    ReauthorizationRequired,
     StoreUnavailable,
     TokenEndpointError,
     UnknownApp,
     UnknownConnection,
+    UpstreamUnreachable,
 )
 from proxy.events import Event, EventType, new_event
 from proxy.logs import register_secret
@@ -158,7 +161,7 @@ class Connections:
             return granted(stored, app.name, grant, self._clock()), happened[0]
 
         record = await self.write(name, build, Write.AUTHORIZATION)
-        log.info("connection.installed", connection=name, event=happened[0].value)
+        log.info("connection.installed", connection=name, change=happened[0].value)
         return name, record, happened[0]
 
     async def _exchange(self, app: AppSettings, code: str) -> Grant:
@@ -212,14 +215,25 @@ class Connections:
 
     async def write(self, name: str, build: Build, write: Write) -> TokenRecord:
         """Build the record from the stored one and write it with its event; on a refusal
-        build again on top of what landed (never more than `_ATTEMPTS` times)."""
+        build again on top of what landed (never more than `_ATTEMPTS` times). An
+        authorisation the store cannot take now is kept in memory and written later."""
         for _ in range(_ATTEMPTS):
-            stored = await self._store.load(name)
-            record, event_type = build(stored)
-            events: tuple[Event, ...] = ()
-            if event_type is not None and self._settings.events_url:
-                events = (new_event(event_type, record.view(name), self._clock()),)
-            if await self._store.put(name, record, events=events):
+            try:
+                stored = await self._store.load(name)
+            except StoreUnavailable:
+                if write is not Write.AUTHORIZATION:
+                    raise
+                held = self._registry.connections.get(name)
+                in_memory = held.record if held is not None else None
+                return await self._keep(name, *self._built(name, build, in_memory))
+            record, events = self._built(name, build, stored)
+            try:
+                written = await self._store.put(name, record, events=events)
+            except StoreUnavailable:
+                if write is not Write.AUTHORIZATION:
+                    raise
+                return await self._keep(name, record, events)
+            if written:
                 if events:
                     self._on_events()
                 await self._registry.apply(name, record)
@@ -230,6 +244,24 @@ class Connections:
         raise StoreUnavailable(
             f"connection {name!r} changed {_ATTEMPTS} times while this write was made; retry"
         )
+
+    def _built(
+        self, name: str, build: Build, stored: TokenRecord | None
+    ) -> tuple[TokenRecord, tuple[Event, ...]]:
+        record, event_type = build(stored)
+        if event_type is None or not self._settings.events_url:
+            return record, ()
+        return record, (new_event(event_type, record.view(name), self._clock()),)
+
+    async def _keep(self, name: str, record: TokenRecord, events: tuple[Event, ...]) -> TokenRecord:
+        """A grant the store cannot take now exists nowhere else: serve it from memory and
+        write it when the store returns (the connection's own write-back)."""
+        credential = await self._registry.apply(name, record)
+        if credential is None:
+            raise StoreUnavailable(f"the store is down and connection {name!r} cannot be kept")
+        credential.keep(record, Write.AUTHORIZATION, events)
+        log.warning("connection.write.deferred", connection=name)
+        return record
 
     async def put(self, name: str, body: Any) -> tuple[TokenRecord, bool]:
         """Import or replace a connection (admin `PUT`); True when it was created."""
@@ -243,6 +275,9 @@ class Connections:
                 record = dataclasses.replace(record, access_token=None, expires_at=0.0)
             if metadata is not None:
                 record = dataclasses.replace(record, metadata=metadata)
+            if stored is not None and "properties" not in body:
+                # Not given, like metadata, they are kept (until a refresh's `resources`).
+                record = dataclasses.replace(record, properties=stored.properties)
             return record, install_event(stored)
 
         record = await self.write(name, build, Write.AUTHORIZATION)
@@ -253,6 +288,11 @@ class Connections:
     ) -> tuple[AppSettings, Grant, dict[str, Any] | None]:
         if not CONNECTION_ID.fullmatch(name):
             raise InvalidConnection("a connection id uses 1 to 128 of A-Z a-z 0-9 . _ -")
+        if self._settings.credential(name) is not None:
+            raise InvalidConnection(
+                f"{name!r} is a credential of the configuration; change it there, or import "
+                "the connection under another id"
+            )
         if not isinstance(body, dict):
             raise InvalidConnection('send a JSON object: {"app": NAME, "refresh_token": ...}')
         if not isinstance(body.get("app"), str):
@@ -347,16 +387,32 @@ class Connections:
             log.info("connection.app_state.disabled", connection=name, property=prop, status=status)
 
     async def refresh(self, name: str) -> TokenRecord:
-        await self.get(name)
-        credential = self._registry.connections.get(name)
+        """Refresh an OAuth connection now, through its lock and compare-and-set.
+
+        Answers only a refresh that landed (a newer generation, here or by another replica
+        meanwhile); a refusal, a failed call or a lock held elsewhere is an error.
+        """
+        before = await self.get(name)
+        _refreshable(name, before)
+        credential = await self._registry.load(name)
         refresh_now = getattr(credential, "refresh_now", None)
-        if refresh_now is None:
+        if credential is None or refresh_now is None:
             raise InvalidConnection(
                 f"connection {name!r} is not an OAuth connection this proxy serves: an API key "
                 "never refreshes, and a connection of an unconfigured app is not served"
             )
         await refresh_now()
-        return await self.get(name)
+        after = await self.get(name)
+        _refreshable(name, after)
+        if after.generation > before.generation:
+            return after
+        reason = credential.status().get("last_error")
+        if reason:
+            raise UpstreamUnreachable(
+                f"the refresh of {name!r} failed ({reason}); the connection keeps its current "
+                "token, and the proxy retries on its own"
+            )
+        raise NoUsableToken(f"connection {name!r} is refreshing elsewhere right now; retry shortly")
 
     async def migrate(self, name: str) -> TokenRecord:
         """Move an OAuth connection to an API key (`refresh_token_exchange`), once."""
@@ -394,3 +450,16 @@ class Connections:
             migrated = await self.write(name, build, Write.AUTHORIZATION)
         log.info("connection.migrated", connection=name, kind=Kind.API_KEY.value)
         return migrated
+
+
+def _refreshable(name: str, record: TokenRecord) -> None:
+    """Only an `ok` OAuth connection refreshes; say what the others need instead."""
+    if record.state is State.DISCONNECTED:
+        raise ConnectionDisconnected(
+            f"connection {name!r} was disconnected; the property must install the app again"
+        )
+    if record.state is State.REAUTHORIZATION_REQUIRED:
+        raise ReauthorizationRequired(
+            f"Cloudbeds rejected the refresh token of connection {name!r}; the property must "
+            "install the app again, or import a new refresh token"
+        )

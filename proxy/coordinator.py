@@ -30,6 +30,7 @@ import structlog
 from proxy import cloudbeds
 from proxy.clock import Clock
 from proxy.config import CredentialSettings, Kind, Settings
+from proxy.credentials import Listener
 from proxy.errors import (
     ConnectionDisconnected,
     NoUsableToken,
@@ -72,6 +73,7 @@ class OAuthCredential:
         self._policy = RefreshPolicy(leeway=proxy_settings.refresh_leeway)
         self._jitter = random.random()  # noqa: S311 - spreading load, not security
         self.record: TokenRecord | None = None
+        self.listener: Listener | None = None
         self._header: tuple[str, str] | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -80,8 +82,13 @@ class OAuthCredential:
         self._attempt = 0
         self._unsaved: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
+        self._unsaved_write = Write.REFRESH
         self.last_error: str | None = None
-        metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
+        # Metric series: one per configured credential; a connection of an app counts under
+        # the app (series per connection would grow with the number of installs).
+        self._series = settings.name if settings.app is None else f"app:{settings.app}"
+        if settings.app is None:
+            metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
 
     # -- the request path ---------------------------------------------------------------
 
@@ -124,6 +131,12 @@ class OAuthCredential:
                 "app again before requests can use it"
             )
         if record is not None and record.state is State.REAUTHORIZATION_REQUIRED:
+            if self.settings.app is not None:
+                raise ReauthorizationRequired(
+                    f"Cloudbeds rejected the refresh token of connection {self.name!r}; the "
+                    f"property must install the app again (/_proxy/apps/{self.settings.app}"
+                    "/install), or import a new refresh token through the admin API"
+                )
             raise ReauthorizationRequired(
                 f"Cloudbeds rejected the refresh token of credential {self.name!r}; "
                 "re-authorise: open /_proxy/oauth/start or run "
@@ -153,16 +166,19 @@ class OAuthCredential:
         if not force and current is not None and record.generation <= current.generation:
             return False
         self.record = record
+        if self.listener is not None:
+            self.listener(self.name, self.properties)
         # Tokens from this process's refreshes and from other replicas alike: never logged.
         register_secret(record.access_token)
         register_secret(record.refresh_token)
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
         )
-        for state in State:
-            self._metrics.credential_state.labels(self.name, state.value).set(
-                1 if record.state is state else 0
-            )
+        if self.settings.app is None:
+            for state in State:
+                self._metrics.credential_state.labels(self.name, state.value).set(
+                    1 if record.state is state else 0
+                )
         self._retry_at, self._attempt = 0.0, 0
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -172,10 +188,20 @@ class OAuthCredential:
     async def reload(self) -> None:
         """Re-read the store; write back a record the store missed while it was down."""
         if self._unsaved is not None:
-            await self._save(self._unsaved, events=self._unsaved_events)
+            await self._save(self._unsaved, write=self._unsaved_write, events=self._unsaved_events)
         stored = await self._store.load(self.name)
         if stored is not None:
             self.adopt(stored)
+
+    @property
+    def unsaved(self) -> bool:
+        return self._unsaved is not None
+
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        """Serve `record`, which the store could not take, and write it when it returns."""
+        self.adopt(record, force=True)
+        self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
+        log.warning("token.write.deferred", credential=self.name, generation=record.generation)
 
     async def start(self) -> None:
         """Load the stored record, seeding or recovering it from CBPROXY_REFRESH_TOKEN."""
@@ -237,8 +263,7 @@ class OAuthCredential:
             written = await self._store.put(self.name, record, events=events)
         except StoreUnavailable:
             self._metrics.redis_errors.labels("put").inc()
-            self._unsaved = record
-            self._unsaved_events = events
+            self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
             log.warning("token.write.deferred", credential=self.name, generation=record.generation)
             return
         if self._unsaved is record:
@@ -262,7 +287,7 @@ class OAuthCredential:
             self.adopt(rebased)
             await self._save(rebased, write=write, events=events, rebase=False)
             return
-        self._metrics.lock_losses.labels(self.name).inc()
+        self._metrics.lock_losses.labels(self._series).inc()
         log.info("token.write.superseded", credential=self.name, stored=stored.generation)
         self.adopt(stored, force=True)
 
@@ -329,7 +354,7 @@ class OAuthCredential:
             await self._refresh_locked(force_generation, reread=False)
             return
         if not acquired:
-            self._metrics.lock_waits.labels(self.name).inc()
+            self._metrics.lock_waits.labels(self._series).inc()
             await self._await_other_replica()
             return
         try:
@@ -379,7 +404,7 @@ class OAuthCredential:
         started = self._clock()
         log.info("token.refresh.started", credential=self.name, generation=record.generation)
         try:
-            with self._metrics.refresh_duration.labels(self.name).time():
+            with self._metrics.refresh_duration.labels(self._series).time():
                 response = await cloudbeds.send_token_request(
                     self._session, self._proxy.token_url, form, self._proxy.token_timeout
                 )
@@ -398,7 +423,7 @@ class OAuthCredential:
             properties=response.properties,
             forced=forced,
         )
-        self._metrics.refreshes.labels(self.name, "ok").inc()
+        self._metrics.refreshes.labels(self._series, "ok").inc()
         self.last_error = None
         self.adopt(new)
         log.info(
@@ -422,7 +447,7 @@ class OAuthCredential:
             )
             self.adopt(newer)
             return
-        self._metrics.refreshes.labels(self.name, "rejected").inc()
+        self._metrics.refreshes.labels(self._series, "rejected").inc()
         self.last_error = exc.reason
         log.error(
             "token.refresh.rejected",
@@ -450,7 +475,7 @@ class OAuthCredential:
         return None
 
     def _transient_failure(self, exc: TokenEndpointUnavailable) -> None:
-        self._metrics.refreshes.labels(self.name, "transient").inc()
+        self._metrics.refreshes.labels(self._series, "transient").inc()
         self.last_error = exc.reason
         delay = backoff(self._attempt, self._policy, random.random())  # noqa: S311
         self._attempt += 1
@@ -490,7 +515,7 @@ class OAuthCredential:
             "has_refresh_token": bool(record and record.refresh_token),
             "properties": list(self.properties),
             "last_error": self.last_error,
-            "unsaved": self._unsaved is not None,
+            "unsaved": self.unsaved,
         }
 
 

@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.config import CredentialSettings
 from proxy.errors import ConnectionDisconnected, NoUsableToken, StoreUnavailable
+from proxy.events import Event
 from proxy.logs import register_secret
 from proxy.store import TokenStore
-from proxy.tokens import Kind, State, TokenRecord
+from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve
+
+Listener = Callable[[str, tuple[str, ...]], None]
+"""Told (connection id, properties) whenever a credential adopts a record."""
 
 
 class Credential(Protocol):
     name: str
     settings: CredentialSettings
     record: TokenRecord | None
+    listener: Listener | None
 
     @property
     def properties(self) -> tuple[str, ...]: ...
@@ -36,6 +43,13 @@ class Credential(Protocol):
 
     def adopt(self, record: TokenRecord, *, force: bool = False) -> bool:
         """Make `record` the one in memory if it is newer (or `force`)."""
+
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        """Serve `record`, which the store could not take, and write it when it returns."""
+
+    @property
+    def unsaved(self) -> bool:
+        """A record waits to be written back (the store was down when it was made)."""
 
     async def start(self) -> None:
         """Load (or seed) the credential's record before the first request."""
@@ -56,6 +70,8 @@ class ApiKeyCredential:
     def __init__(self, settings: CredentialSettings, store: TokenStore) -> None:
         self.name, self.settings, self._store = settings.name, settings, store
         self.record: TokenRecord | None = None
+        self.listener: Listener | None = None
+        self._unsaved: tuple[TokenRecord, tuple[Event, ...]] | None = None
         if settings.api_key is not None:
             self.record = TokenRecord(
                 settings.api_key, 0.0, None, 0, kind=Kind.API_KEY, properties=settings.properties
@@ -87,7 +103,17 @@ class ApiKeyCredential:
             return False
         register_secret(record.access_token)
         self.record = record
+        if self.listener is not None:
+            self.listener(self.name, self.properties)
         return True
+
+    def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
+        self.adopt(record, force=True)
+        self._unsaved = (record, events)
+
+    @property
+    def unsaved(self) -> bool:
+        return self._unsaved is not None
 
     def ready(self) -> tuple[bool, str]:
         record = self.record
@@ -109,6 +135,18 @@ class ApiKeyCredential:
     async def reload(self) -> None:
         if self.settings.api_key is not None:
             return
+        if self._unsaved is not None:
+            # A key Cloudbeds issued while the store was down: it exists nowhere else, and
+            # an authorisation wins over whatever was written meanwhile.
+            record, events = self._unsaved
+            if not await self._store.put(self.name, record, events=events):
+                stored = await self._store.load(self.name)
+                if stored is not None and resolve(record, stored, Write.AUTHORIZATION) is (
+                    Outcome.REBASE
+                ):
+                    rebased = dataclasses.replace(record, generation=stored.generation + 1)
+                    await self._store.put(self.name, rebased, events=events)
+            self._unsaved = None
         stored = await self._store.load(self.name)
         if stored is not None:
             self.adopt(stored)

@@ -67,11 +67,9 @@ async def readyz(request: web.Request) -> web.Response:
         ok, detail = connections[cred.name].ready()
         checks[f"credential:{cred.name}"] = {"ok": ok, "detail": detail}
     ready = all(check["ok"] for check in checks.values())
-    counts: dict[str, int] = {}
-    for credential in connections.values():
-        if credential.settings.app is not None:
-            state = credential.record.state.value if credential.record else "not_authorized"
-            counts[state] = counts.get(state, 0) + 1
+    counts: dict[str, dict[str, int]] = {}
+    for (app, state), count in runtime.registry.counts().items():
+        counts.setdefault(app, {})[state] = count
     body = {"ready": ready, "checks": checks, "connections": counts}
     return web.json_response(body, status=200 if ready else 503)
 

@@ -1,13 +1,20 @@
 """Prometheus metrics, all in one registry that the app factory passes around.
 
-Labels are credential names, methods, status classes and error codes: never a secret,
-never a path (paths carry reservation and guest ids). Event metrics carry only bounded
-labels (an outcome), never an event or connection id.
+Labels are credential names, app names (`app:NAME` for the connections of an app),
+methods, status classes, states and error codes: never a secret, never a path (paths carry
+reservation and guest ids), never a connection id (their number grows with installs).
+Event metrics carry only an outcome label, never an event id.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ConnectionCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 
 class Metrics:
@@ -102,3 +109,20 @@ class Metrics:
             "(0 on the others; at most one read's batch)",
             registry=r,
         )
+
+    def count_connections(self, counts: ConnectionCounts) -> None:
+        """`cbproxy_connections{app, state}`, computed from `counts` at each scrape."""
+        self.registry.register(_ConnectionsCollector(counts))
+
+
+class _ConnectionsCollector(Collector):
+    def __init__(self, counts: ConnectionCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "cbproxy_connections", "Connections by app and state", labels=["app", "state"]
+        )
+        for (app, state), count in sorted(self._counts().items()):
+            family.add_metric([app, state], count)
+        yield family

@@ -25,7 +25,9 @@ Rules (a generic cell rate algorithm, GCRA, that shapes before it refuses):
   asking) in one process; one more is refused at once. `max_wait` already bounds the
   fleet-wide queue; this bounds the tasks a single process holds.
 - With Redis, the rules run in one Lua script per request on Redis' clock
-  (`TIME`), so replicas with skewed clocks agree. Without Redis they run in process.
+  (`TIME`), so replicas with skewed clocks agree; the script lives in the store
+  (`proxy.redis_store`, `budget_admit`), which owns every Redis call. Without Redis they
+  run in process.
 - Redis down: each replica falls back to an even share of the limit,
   rate / n and max(1, burst // n), n being the replicas it last saw alive in the
   heartbeat set. The local bucket starts from the fleet's last known `tat`.
@@ -40,14 +42,12 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from proxy.clock import Clock, system_clock
-from proxy.errors import RateLimited, UnknownConnection
+from proxy.errors import RateLimited, StoreUnavailable, UnknownConnection
 from proxy.metrics import Metrics
+from proxy.store import SharedBudgets
 
 log = structlog.get_logger(__name__)
 
@@ -140,55 +140,9 @@ def paused(bucket: Bucket, now: float, seconds: float) -> Bucket:
     return dataclasses.replace(bucket, pause_until=max(bucket.pause_until, now + seconds))
 
 
-# The same rules as `decide`, on Redis' clock. Numbers go back as strings: Redis
-# truncates Lua numbers to integers. Returns {allowed, delay, paused_for, tat - now}.
-_ADMIT_LUA = """
-local EPSILON = 0.000001
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local interval, burst, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tat', 'pause_until')
-local tat = tonumber(state[1]) or 0
-local pause_until = tonumber(state[2]) or 0
-local new_tat = math.max(tat, now, pause_until) + interval
-local delay = math.max(new_tat - burst * interval, pause_until, now) - now
-if delay < EPSILON then delay = 0 end
-local paused_for = math.max(pause_until - now, 0)
-local function f(x) return string.format('%.6f', x) end
-if delay > max_wait + EPSILON then
-  return {0, f(delay), f(paused_for), f(math.max(tat - now, 0))}
-end
-redis.call('HSET', KEYS[1], 'tat', f(new_tat))
-redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(new_tat, pause_until) - now) * 1000) + 1000)
-return {1, f(delay), f(paused_for), f(new_tat - now)}
-"""
-
-_PAUSE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local pause_until = math.max(tonumber(redis.call('HGET', KEYS[1], 'pause_until')) or 0,
-                             now + tonumber(ARGV[1]))
-redis.call('HSET', KEYS[1], 'pause_until', string.format('%.6f', pause_until))
-local ttl = math.ceil((pause_until - now) * 1000) + 1000
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return string.format('%.6f', pause_until - now)
-"""
-
-# Register this replica and count the live ones, on Redis' clock.
-# ARGV: replica id, seconds after which a silent replica is dead.
-_HEARTBEAT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local dead_after = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - dead_after)
-redis.call('PEXPIRE', KEYS[1], math.ceil(dead_after * 2000))
-return redis.call('ZCARD', KEYS[1])
-"""
-
-# Redis failures that send the limiter to its local fallback. OSError covers sockets
-# that fail below redis-py; TimeoutError is our own bound on the round trip.
-_REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+# Failures that send the limiter to its local fallback: the store's own error (every Redis
+# error is translated there) and our own bound on the round trip.
+_SHARED_FAILURES = (StoreUnavailable, TimeoutError)
 
 
 class Limiter:
@@ -198,8 +152,7 @@ class Limiter:
         self,
         limits: Mapping[str, RateLimit],
         *,
-        redis: aioredis.Redis | RedisCluster | None,
-        key: Callable[[str, str], str],
+        shared: SharedBudgets | None,
         metrics: Metrics,
         replica_id: str,
         clock: Clock = system_clock,
@@ -209,8 +162,7 @@ class Limiter:
         assumed_replicas: int = 1,
     ) -> None:
         self._limits = dict(limits)
-        self._redis = redis
-        self._key = key
+        self._redis = shared
         self._metrics = metrics
         self._replica_id = replica_id
         self._clock = clock
@@ -223,10 +175,6 @@ class Limiter:
         self._paused_until: dict[str, float] = {}
         self._fallback = False
         self._retry_redis_at = 0.0
-        if redis is not None:
-            self._admit_script = redis.register_script(_ADMIT_LUA)
-            self._pause_script = redis.register_script(_PAUSE_LUA)
-            self._heartbeat_script = redis.register_script(_HEARTBEAT_LUA)
 
     async def admit(self, credential: str, *, max_wait: float | None = None) -> float:
         """Wait for the credential's next slot; return the seconds waited.
@@ -262,12 +210,12 @@ class Limiter:
         self._local[credential] = paused(self._bucket(credential), now, seconds)
         self._note_pause(credential, now, seconds)
         log.warning("ratelimit.paused", credential=credential, seconds=seconds)
-        if not self._redis_usable(now):
+        if self._redis is None or not self._redis_usable(now):
             return
         try:
             async with asyncio.timeout(self._redis_timeout):
-                await self._pause_script(keys=[self._key(credential, "ratelimit")], args=[seconds])
-        except _REDIS_FAILURES as exc:
+                await self._redis.budget_pause(credential, seconds)
+        except _SHARED_FAILURES as exc:
             self._enter_fallback(exc)
         else:
             self._leave_fallback()
@@ -305,12 +253,8 @@ class Limiter:
             return self._replicas
         try:
             async with asyncio.timeout(self._redis_timeout):
-                live = await self._heartbeat_script(
-                    # Not a credential's key: "" names the fleet-wide replica set.
-                    keys=[self._key("", "ratelimit-replicas")],
-                    args=[self._replica_id, 3 * self._heartbeat_interval],
-                )
-        except _REDIS_FAILURES as exc:
+                live = await self._redis.heartbeat(self._replica_id, 3 * self._heartbeat_interval)
+        except _SHARED_FAILURES as exc:
             self._enter_fallback(exc)
         else:
             self._replicas = max(1, int(live))
@@ -344,19 +288,18 @@ class Limiter:
 
     async def _decide(self, credential: str, limit: RateLimit) -> Admit | Refuse:
         now = self._clock()
-        if not self._redis_usable(now):
+        if self._redis is None or not self._redis_usable(now):
             return self._decide_local(credential, limit, now)
         try:
             async with asyncio.timeout(self._redis_timeout):
-                raw = await self._admit_script(
-                    keys=[self._key(credential, "ratelimit")],
-                    args=[limit.interval, limit.burst, limit.max_wait],
+                raw = await self._redis.budget_admit(
+                    credential, limit.interval, limit.burst, limit.max_wait
                 )
-        except _REDIS_FAILURES as exc:
+        except _SHARED_FAILURES as exc:
             self._enter_fallback(exc)
             return self._decide_local(credential, limit, self._clock())
         self._leave_fallback()
-        allowed, delay, paused_for, tat_ahead = (float(x) for x in raw)
+        allowed, delay, paused_for, tat_ahead = raw
         now = self._clock()
         # Keep the fleet's state in local terms: the fallback starts from it.
         self._local[credential] = Bucket(now + tat_ahead, now + paused_for)

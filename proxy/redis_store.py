@@ -106,6 +106,58 @@ end
 return 1
 """
 
+# The rate limiter's rules (`proxy.ratelimit.decide`), on Redis' clock. Numbers go back as
+# strings: Redis truncates Lua numbers to integers. Returns {allowed, delay, paused_for,
+# tat - now}.
+_ADMIT_LUA = """
+local EPSILON = 0.000001
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval, burst, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'pause_until')
+local tat = tonumber(state[1]) or 0
+local pause_until = tonumber(state[2]) or 0
+local new_tat = math.max(tat, now, pause_until) + interval
+local delay = math.max(new_tat - burst * interval, pause_until, now) - now
+if delay < EPSILON then delay = 0 end
+local paused_for = math.max(pause_until - now, 0)
+local function f(x) return string.format('%.6f', x) end
+if delay > max_wait + EPSILON then
+  return {0, f(delay), f(paused_for), f(math.max(tat - now, 0))}
+end
+redis.call('HSET', KEYS[1], 'tat', f(new_tat))
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(new_tat, pause_until) - now) * 1000) + 1000)
+return {1, f(delay), f(paused_for), f(new_tat - now)}
+"""
+
+_PAUSE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local pause_until = math.max(tonumber(redis.call('HGET', KEYS[1], 'pause_until')) or 0,
+                             now + tonumber(ARGV[1]))
+redis.call('HSET', KEYS[1], 'pause_until', string.format('%.6f', pause_until))
+local ttl = math.ceil((pause_until - now) * 1000) + 1000
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return string.format('%.6f', pause_until - now)
+"""
+
+# Register this replica and count the live ones, on Redis' clock.
+# ARGV: replica id, seconds after which a silent replica is dead.
+_HEARTBEAT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local dead_after = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - dead_after)
+redis.call('PEXPIRE', KEYS[1], math.ceil(dead_after * 2000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# Redis failures that send the limiter to its local fallback. OSError covers sockets
+# that fail below redis-py; TimeoutError is our own bound on the round trip.
+_REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+
 FEED_LENGTH = 100_000
 """Feed entries kept (about): a follower further behind than this rereads everything."""
 _FEED_BLOCK_MS = 1000
@@ -251,6 +303,9 @@ class RedisStore:
         self._put = client.register_script(_PUT_SCRIPT)
         self._lease = client.register_script(_LEASE_SCRIPT)
         self._retry = client.register_script(_RETRY_SCRIPT)
+        self._admit = client.register_script(_ADMIT_LUA)
+        self._pause = client.register_script(_PAUSE_LUA)
+        self._heartbeat = client.register_script(_HEARTBEAT_LUA)
         self._sentinel: Sentinel | None = None
 
     @classmethod
@@ -293,15 +348,18 @@ class RedisStore:
         pool = BlockingConnectionPool.from_url(
             target.url, max_connections=max_connections, timeout=pool_timeout, **options
         )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix, cipher=cipher)
+        return cls(aioredis.Redis.from_pool(pool), prefix=prefix, cipher=cipher)
 
     def key(self, name: str, suffix: str) -> str:
         """`{prefix}:{cred:<name>}:<suffix>`: one connection's own slot (lock, limiter)."""
         return f"{self.prefix}:{{cred:{name}}}:{suffix}"
 
+    def record_key(self, name: str) -> str:
+        return self.base + "rec:" + name
+
     async def load(self, name: str) -> TokenRecord | None:
         with _redis_errors():
-            raw = await self.client.hget(self.base + "rec:" + name, "data")
+            raw = await self.client.hget(self.record_key(name), "data")
             if raw is None:
                 raw = await self.client.hget(self.key(name, "record"), "data")
         return None if raw is None else self._codec.decode(name, raw)
@@ -319,7 +377,7 @@ class RedisStore:
         ]
         for event in events:
             args += [event.id, event.to_json()]
-        keys = [b + "rec:" + name, b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
+        keys = [self.record_key(name), b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
         with _redis_errors():
             return bool(await self._put(keys=[*keys, b + "outbox:seq"], args=args))
 
@@ -336,7 +394,7 @@ class RedisStore:
             chosen = names[:limit]
             raws = await self._hget_many(chosen)
         pairs = zip(chosen, raws, strict=True)
-        records = [(n, self._codec.decode(n, raw)) for n, raw in pairs if raw is not None]
+        records = [(n, self._codec.decode_or_error(n, raw)) for n, raw in pairs if raw is not None]
         return records, (chosen[-1] if len(names) > limit else None)
 
     async def _hget_many(self, names: Sequence[str]) -> list[Any]:
@@ -344,7 +402,7 @@ class RedisStore:
             return []
         pipe = self.client.pipeline(transaction=False)
         for name in names:
-            pipe.hget(self.base + "rec:" + name, "data")
+            pipe.hget(self.record_key(name), "data")
         return list(await pipe.execute())
 
     async def covering(self, prop: str) -> list[str]:
@@ -424,6 +482,28 @@ class RedisStore:
         with _redis_errors():
             values = await self.client.hmget(self.base + "used", list(names))
         return {n: float(v) for n, v in zip(names, values, strict=True) if v is not None}
+
+    async def budget_admit(
+        self, budget: str, interval: float, burst: int, max_wait: float
+    ) -> tuple[float, float, float, float]:
+        with _redis_errors():
+            raw = await self._admit(
+                keys=[self.key(budget, "ratelimit")], args=[interval, burst, max_wait]
+            )
+        allowed, delay, paused_for, tat_ahead = (float(x) for x in raw)
+        return allowed, delay, paused_for, tat_ahead
+
+    async def budget_pause(self, budget: str, seconds: float) -> None:
+        with _redis_errors():
+            await self._pause(keys=[self.key(budget, "ratelimit")], args=[seconds])
+
+    async def heartbeat(self, replica_id: str, dead_after: float) -> int:
+        with _redis_errors():
+            # Not a budget's key: "" names the fleet-wide replica set.
+            live = await self._heartbeat(
+                keys=[self.key("", "ratelimit-replicas")], args=[replica_id, dead_after]
+            )
+        return int(live)
 
     async def ping(self) -> None:
         with _redis_errors():

@@ -7,12 +7,17 @@
   that lost entries (its position was trimmed away) rereads every record once.
 - Routing (DESIGN.md, "Routing a request"): `X-Cloudbeds-Connection` (or
   `X-Cloudbeds-Credential`), else `X-PROPERTY-ID` (its first id), else the `propertyID` or
-  first `propertyIDs` query parameter, else `default`. Lookups are dictionary reads: the
+  first `propertyIDs` query parameter, else `default` (or the first configured credential
+  when none is named so). Lookups are dictionary reads: the
   same cost at 10 connections as at 10,000. Bodies are never parsed for routing.
 - A property no connection covers is 404 `unknown_property`, except in the
   single-credential setup (a `default` credential and no apps), where it goes to `default`
   as it always has; one covered by several connections is 409 `ambiguous_property`
   unless `X-Cloudbeds-App` narrows it to one.
+- One-shot (a CLI command): nothing is loaded at start and nothing runs in the background;
+  a credential is made only when the command asks for it (`load`), so a command on a store
+  of 10,000 connections makes one credential, and its refresh still goes through the
+  store's lock and compare-and-set like a replica's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from proxy.credentials import Credential
 from proxy.errors import (
     AmbiguousProperty,
     ConnectionRequired,
+    RecordUnreadable,
     StoreUnavailable,
     UnknownConnection,
     UnknownProperty,
@@ -52,9 +58,11 @@ class Registry:
         make: MakeCredential,
         metrics: Metrics,
         clock: Clock,
+        *,
+        one_shot: bool = False,
     ) -> None:
         self._settings, self._store, self._make, self._metrics = settings, store, make, metrics
-        self._clock = clock
+        self._clock, self._one_shot = clock, one_shot
         self._used: dict[str, float] = {}
         self.connections: dict[str, Credential] = {}
         self._covered: dict[str, tuple[str, ...]] = {}
@@ -62,10 +70,25 @@ class Registry:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._position = "0"
         self._unknown_apps: set[str] = set()
+        metrics.count_connections(self.counts)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Connections of apps by (app, state), for the metrics and the status page."""
+        counts: dict[tuple[str, str], int] = {}
+        for credential in self.connections.values():
+            app = credential.settings.app
+            if app is not None:
+                state = credential.record.state.value if credential.record else "not_authorized"
+                counts[app, state] = counts.get((app, state), 0) + 1
+        return counts
 
     @property
     def default(self) -> Credential | None:
-        return self.connections.get(DEFAULT_CREDENTIAL)
+        """`default`, else the first configured credential, as the configuration reads."""
+        found = self.connections.get(DEFAULT_CREDENTIAL)
+        if found is None and self._settings.credentials:
+            found = self.connections.get(self._settings.credentials[0].name)
+        return found
 
     async def start(self) -> None:
         """Configured credentials first, then every stored connection of a configured app."""
@@ -84,7 +107,10 @@ class Registry:
         while True:
             records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
             for name, record in records:
-                await self.apply(name, record)
+                if isinstance(record, RecordUnreadable):
+                    log.error("connection.unreadable", connection=name, reason=record.message)
+                else:
+                    await self.apply(name, record)
             if cursor is None:
                 return
 
@@ -93,7 +119,6 @@ class Registry:
         credential = self.connections.get(name)
         if credential is not None:
             await credential.reload()
-            self._index(name, credential.properties)
             return
         record = await self._store.load(name)
         if record is not None:
@@ -106,16 +131,28 @@ class Registry:
             await self._remove(name)  # migrated to an API key: a credential of the other kind
             credential = None
         if credential is None:
-            app = self._settings.app(record.app) if record.app else None
-            if app is None:
-                self._skip(name, record)
-                return None
-            settings = dataclasses.replace(app.connection(name), kind=record.kind)
-            credential = await self._add(settings, record)
-        else:
-            credential.adopt(record)
-        self._index(name, credential.properties)
+            # One-shot: a write that lands makes no credential the command did not ask for.
+            return None if self._one_shot else await self._create(name, record)
+        credential.adopt(record)
         return credential
+
+    async def load(self, name: str) -> Credential | None:
+        """Connection `name`'s credential, made from its stored record if not served yet."""
+        credential = self.connections.get(name)
+        if credential is None and (record := await self._store.load(name)) is not None:
+            credential = await self._create(name, record)
+        return credential
+
+    async def _create(self, name: str, record: TokenRecord) -> Credential | None:
+        configured = self._settings.credential(name) if record.app is None else None
+        if configured is not None:
+            return await self._add(configured, None)  # a one-shot command's configured one
+        app = self._settings.app(record.app) if record.app else None
+        if app is None:
+            self._skip(name, record)
+            return None
+        settings = dataclasses.replace(app.connection(name), kind=record.kind)
+        return await self._add(settings, record)
 
     def _skip(self, name: str, record: TokenRecord) -> None:
         if record.app and record.app not in self._unknown_apps:
@@ -129,13 +166,15 @@ class Registry:
 
     async def _add(self, settings: CredentialSettings, record: TokenRecord | None) -> Credential:
         credential = self._make(settings)
+        credential.listener = self._index  # the property index follows every adopted record
         if record is not None:
             credential.adopt(record)
         await credential.start()
         self.connections[settings.name] = credential
-        self._tasks[settings.name] = asyncio.create_task(
-            credential.run(), name=f"refresh:{settings.name}"
-        )
+        if not self._one_shot:
+            self._tasks[settings.name] = asyncio.create_task(
+                credential.run(), name=f"refresh:{settings.name}"
+            )
         self._index(settings.name, credential.properties)
         return credential
 

@@ -168,7 +168,7 @@ class SqliteStore:
         query += " ORDER BY id LIMIT ?"
         args.append(limit + 1)
         rows = await self._run(lambda db: db.execute(query, args).fetchall())
-        records = [(n, self._codec.decode(n, raw)) for n, raw in rows[:limit]]
+        records = [(n, self._codec.decode_or_error(n, raw)) for n, raw in rows[:limit]]
         return records, (rows[limit - 1][0] if len(rows) > limit else None)
 
     async def covering(self, prop: str) -> list[str]:

@@ -38,8 +38,9 @@ STATE_TTL = 600.0
 """Seconds an install state lives: as long as the authorization code it protects."""
 _SECRET_FIELDS = ("access_token", "refresh_token")
 
-Page = tuple[list[tuple[str, TokenRecord]], str | None]
-"""(id and record pairs in id order, the cursor of the next page or None)."""
+Page = tuple[list[tuple[str, TokenRecord | RecordUnreadable]], str | None]
+"""(id and record pairs in id order, the cursor of the next page or None). A record that
+cannot be read is its error, so one bad record never hides the others."""
 
 
 class RefreshLock(Protocol):
@@ -107,6 +108,25 @@ class TokenStore(Protocol):
     async def close(self) -> None: ...
 
 
+class SharedBudgets(Protocol):
+    """The rate limiter's state shared by a fleet (Redis), on the store's own clock.
+
+    Every call raises `StoreUnavailable` when the store cannot answer; the limiter then
+    falls back to a local share. `proxy.ratelimit` holds the rules these apply.
+    """
+
+    async def budget_admit(
+        self, budget: str, interval: float, burst: int, max_wait: float
+    ) -> tuple[float, float, float, float]:
+        """(allowed 1 or 0, delay, paused for, tat - now) for the next request of `budget`."""
+
+    async def budget_pause(self, budget: str, seconds: float) -> None:
+        """No slot of `budget` starts for `seconds` (Cloudbeds asked for a pause)."""
+
+    async def heartbeat(self, replica_id: str, dead_after: float) -> int:
+        """Register this replica as alive; the number of replicas alive."""
+
+
 class RecordCodec:
     """A record as stored text: JSON, its tokens encrypted when a cipher is set.
 
@@ -125,6 +145,13 @@ class RecordCodec:
                     data[field] = self._cipher.encrypt(data[field])
             data["enc"] = 1
         return json.dumps(data, separators=(",", ":"))
+
+    def decode_or_error(self, name: str, raw: bytes | str) -> TokenRecord | RecordUnreadable:
+        """The record, or the reason it cannot be read (for listings)."""
+        try:
+            return self.decode(name, raw)
+        except RecordUnreadable as exc:
+            return exc
 
     def decode(self, name: str, raw: bytes | str) -> TokenRecord:
         try:

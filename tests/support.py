@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -50,8 +51,11 @@ async def wait_ready(url: str, timeout: float = 10.0) -> None:
 
 
 def fake_env(fake_url: str) -> dict[str, str]:
-    """Variables that point a proxy at the fake Cloudbeds with its default credential."""
+    """Variables that point a proxy at the fake Cloudbeds with its default credential,
+    with a state file of its own (the default store without Redis)."""
+    state_dir = tempfile.mkdtemp(prefix="cbproxy-test-")
     return {
+        "CBPROXY_STATE_FILE": os.path.join(state_dir, "state.db"),
         "CBPROXY_UPSTREAM_URL": fake_url,
         "CBPROXY_TOKEN_URL": f"{fake_url}/api/v1.3/access_token",
         "CBPROXY_AUTHORIZE_URL": f"{fake_url}/api/v1.3/oauth",
@@ -80,6 +84,8 @@ class ProxyProcess:
             **os.environ,
             "CBPROXY_PORT": str(self.port),
             "CBPROXY_LOG_FORMAT": "json",
+            # Its own state file unless told otherwise: a test never sees another's records.
+            "CBPROXY_STATE_FILE": str(log_path.with_suffix(".db")),
             **env,
         }
         self.args = args

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support import free_port
 
@@ -21,7 +22,7 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_serve_on_a_port_in_use_says_so() -> None:
+def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -31,6 +32,7 @@ def test_serve_on_a_port_in_use_says_so() -> None:
             CBPROXY_PORT=str(port),
             CBPROXY_API_KEY="cbat_x",
             CBPROXY_RATE_LIMIT="0",
+            CBPROXY_STATE_FILE=str(tmp_path / "state.db"),
         )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

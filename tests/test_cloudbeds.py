@@ -66,6 +66,7 @@ def test_success_decodes_tokens_and_properties() -> None:
         expires_in=3600.0,
         refresh_token="refresh-2",
         properties=("1001", "1002"),
+        associations=("77",),
     )
     assert "access-1" not in repr(response)
     assert "refresh-2" not in repr(response)

@@ -7,6 +7,7 @@ clock and wake the loop (`nudge`) instead of sleeping until a token expires.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,10 +47,6 @@ class FlakyStore:
         self._check()
         return await self.inner.load(name)
 
-    async def put(self, name: str, record: TokenRecord) -> bool:
-        self._check()
-        return await self.inner.put(name, record)
-
     def lock(self, name: str, ttl: float) -> RefreshLock:
         inner, store = self.inner.lock(name, ttl), self
 
@@ -64,11 +61,17 @@ class FlakyStore:
 
         return Lock()
 
-    def changes(self) -> AsyncIterator[str]:
-        return self.inner.changes()
+    def __getattr__(self, name: str) -> Any:
+        """Every other store method, failing while `down`."""
+        attr = getattr(self.inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
 
-    async def ping(self) -> None:
-        self._check()
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self._check()
+            return await attr(*args, **kwargs)
+
+        return call
 
     async def close(self) -> None:
         await self.inner.close()

@@ -99,16 +99,26 @@ def test_hadolint_passes() -> None:
 
 def test_dockerfile_is_multistage_non_root_and_matches_the_shutdown() -> None:
     instructions = dockerfile_instructions()
-    froms = [args for word, args in instructions if word == "FROM"]
+    first_from = next(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    # ARGs before the first FROM, with their defaults: what a plain `docker build` uses.
+    defaults = dict(
+        args.partition("=")[::2] for word, args in instructions[:first_from] if word == "ARG"
+    )
+    froms = [args.split()[0] for word, args in instructions if word == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder and a runtime"
-    runtime_base = froms[-1].split()[0]
+    bases = {re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], base) for base in froms}
+    assert len(bases) == 1, f"both stages on one base, so the builder's files fit: {bases}"
+    (runtime_base,) = bases
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", runtime_base), runtime_base
 
     runtime = instructions[max(i for i, (word, _) in enumerate(instructions) if word == "FROM") :]
     words = [word for word, _ in runtime]
     runs = " ".join(args for word, args in runtime if word == "RUN")
-    assert "pip install" in runs
-    assert ".whl" in runs, "the runtime installs the wheel built by the builder"
+    assert "pip" not in runs, "the runtime stage never runs pip (nor reaches PyPI)"
+    copies = [args for word, args in runtime if word == "COPY"]
+    assert any(args.startswith("--from=builder ") for args in copies), (
+        "the runtime copies what the builder installed"
+    )
 
     users = [args for word, args in runtime if word == "USER"]
     assert users, "the runtime stage sets a USER"
@@ -132,6 +142,19 @@ def test_dockerfile_is_multistage_non_root_and_matches_the_shutdown() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     for name in ("stop_grace_period", "terminationGracePeriodSeconds", "CBPROXY_SHUTDOWN_GRACE"):
         assert name in text, f"the comment on the shutdown grace names {name}"
+
+
+def test_dockerfile_keeps_the_state_file_on_a_volume_the_user_owns() -> None:
+    instructions = dockerfile_instructions()
+    runtime = instructions[max(i for i, (word, _) in enumerate(instructions) if word == "FROM") :]
+    envs = " ".join(args for word, args in runtime if word == "ENV")
+    match = re.search(r"\bCBPROXY_STATE_FILE=(\S+)", envs)
+    assert match, "the image sets CBPROXY_STATE_FILE"
+    state_dir = match.group(1).rsplit("/", 1)[0]
+    volumes = [json.loads(args) for word, args in runtime if word == "VOLUME"]
+    assert [state_dir] in volumes, f"{state_dir} is a VOLUME"
+    runs = " ".join(args for word, args in runtime if word == "RUN")
+    assert f"chown cbproxy:cbproxy {state_dir}" in runs, "the non-root user may write there"
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context() -> None:
@@ -278,6 +301,33 @@ def test_compose_config_validates(profiles: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def redis_options(command: list[str]) -> dict[str, str]:
+    """`redis-server --name value ...` as {name: value}."""
+    assert command[0] == "redis-server", command
+    rest = command[1:]
+    assert len(rest) % 2 == 0 and all(name.startswith("--") for name in rest[::2]), rest
+    return {name[2:]: str(value) for name, value in zip(rest[::2], rest[1::2], strict=True)}
+
+
+def assert_persistent(options: dict[str, str], mounts: set[str], where: str) -> None:
+    """AOF on, fsynced every second, into a directory that is a volume."""
+    assert options.get("appendonly") == "yes", f"{where}: the tokens must survive a restart"
+    assert options.get("appendfsync") == "everysec", where
+    assert options.get("dir") in mounts, f"{where}: --dir {options.get('dir')} is no volume"
+
+
+def test_compose_redis_keeps_its_data() -> None:
+    document = compose()
+    redis = document["services"]["redis"]
+    named = set(document.get("volumes") or {})
+    mounts = set()
+    for volume in redis["volumes"]:
+        source, target = str(volume).split(":")[:2]
+        assert source in named, f"{source}: a named volume, kept across `down`"
+        mounts.add(target)
+    assert_persistent(redis_options(redis["command"]), mounts, "compose redis")
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
@@ -360,6 +410,40 @@ def test_kubernetes_sidecar() -> None:
     assert security["allowPrivilegeEscalation"] is False
     assert security.get("runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot"))
     assert security.get("runAsUser", pod.get("securityContext", {}).get("runAsUser")) != 0
+
+
+def test_kubernetes_redis_keeps_its_data() -> None:
+    docs = kubernetes()
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (proxy,) = proxy_containers(deployment["spec"]["template"]["spec"])
+    url = {e["name"]: e.get("value", "") for e in proxy["env"]}["CBPROXY_REDIS_URL"]
+    host = url.split("//", 1)[1].split(":", 1)[0]
+    service_name, namespace = host.split(".")[:2]
+
+    (service,) = [
+        d
+        for d in docs
+        if d["kind"] == "Service"
+        and d["metadata"]["name"] == service_name
+        and d["metadata"].get("namespace") == namespace
+    ]
+    (redis,) = [
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet" and d["metadata"].get("namespace") == namespace
+    ]
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"} >= {namespace}
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items(), "the Service reaches Redis"
+
+    spec = redis["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["image"].startswith("redis:7")
+    claims = {claim["metadata"]["name"] for claim in spec["volumeClaimTemplates"]}
+    mounts = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
+    command = [*container.get("command", []), *container.get("args", [])]
+    assert_persistent(redis_options(command), mounts, "Kubernetes redis")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 # ---------------------------------------------------------------------------- Prometheus

@@ -295,7 +295,7 @@ async def test_sigkilled_lock_holder_is_replaced_after_the_lock_ttl(
 async def stored_generation(url: str, prefix: str) -> int | None:
     client = aioredis.Redis.from_url(url)
     try:
-        raw = await client.hget(f"{prefix}:{{cred:default}}:record", "generation")
+        raw = await client.hget(f"{prefix}:{{conns}}:rec:default", "generation")
     finally:
         await client.aclose()
     return int(raw) if raw is not None else None
@@ -560,5 +560,5 @@ async def test_no_token_in_plaintext_in_redis_with_an_encryption_key(
     for value in values:
         for secret in secrets:
             assert secret.encode() not in value
-    record = await real_redis.hget(f"{key_prefix}:{{cred:default}}:record", "data")
+    record = await real_redis.hget(f"{key_prefix}:{{conns}}:rec:default", "data")
     assert json.loads(record)["enc"] == 1

@@ -43,6 +43,13 @@ async def test_healthz_is_liveness_only(fake_cloudbeds: Any, start_proxy: Any) -
     status, body = await get(proxy, "/_proxy/healthz")
     assert (status, body) == (200, {"status": "alive", "pid": os.getpid()})
     assert (await until(proxy, "/_proxy/readyz", 503))["ready"] is False
+    for _ in range(200):  # the refresh Cloudbeds rejects, then readiness says why
+        body = (await get(proxy, "/_proxy/readyz"))[1]
+        if body["checks"]["credential:default"]["detail"] == "reauthorization_required":
+            break
+        await asyncio.sleep(0.02)
+    assert body["checks"]["credential:default"]["detail"] == "reauthorization_required"
+    assert (await get(proxy, "/_proxy/healthz"))[0] == 200
     assert fake.token_calls["refresh_token"] == 1  # healthz made no token call
 
 
@@ -62,6 +69,7 @@ async def test_readiness_follows_redis(
             "store": {"ok": True, "detail": "reachable"},
             "credential:default": {"ok": True, "detail": "ok"},
         },
+        "connections": {},
     }
 
     private_redis.stop()

@@ -35,14 +35,19 @@ async def follow_authorize(session: aiohttp.ClientSession, url: str) -> str:
 
 
 async def callback(
-    session: aiohttp.ClientSession, proxy: str, query: str, cookie: str, **headers: str
+    session: aiohttp.ClientSession, proxy: str, query: str, **headers: str
 ) -> tuple[int, str, dict[str, str]]:
     async with session.get(
-        f"{proxy}/_proxy/oauth/callback?{query}",
-        headers={"Cookie": f"cbproxy_oauth_state={cookie}", **headers},
-        allow_redirects=False,
+        f"{proxy}/_proxy/oauth/callback?{query}", headers=headers, allow_redirects=False
     ) as response:
         return response.status, await response.text(), dict(response.headers)
+
+
+async def start(session: aiohttp.ClientSession, proxy: str) -> str:
+    """Open /_proxy/oauth/start; return the authorize link it redirects to."""
+    async with session.get(f"{proxy}/_proxy/oauth/start", allow_redirects=False) as response:
+        assert response.status == 302
+        return response.headers["Location"]
 
 
 async def test_callback_flow_end_to_end(fake_cloudbeds: Fake, start_proxy: Any) -> None:
@@ -53,24 +58,21 @@ async def test_callback_flow_end_to_end(fake_cloudbeds: Fake, start_proxy: Any) 
             assert response.status == 503
             assert (await response.json())["error"] == "no_usable_token"
 
-        async with session.get(f"{proxy}/_proxy/oauth/start", allow_redirects=False) as response:
-            assert response.status == 302
-            authorize = response.headers["Location"]
-            cookie = response.cookies["cbproxy_oauth_state"]
+        authorize = await start(session, proxy)
         assert authorize.startswith(f"{fake_url}/api/v1.3/oauth?")
         params = parse_qs(urlsplit(authorize).query)
         assert params["client_id"] == [state.client_id]
         assert params["redirect_uri"] == [state.redirect_uri]
         assert params["response_type"] == ["code"]
-        assert params["state"] == [cookie.value]
-        assert cookie["httponly"]
+        issued = params["state"][0]
+        assert len(issued) >= 32
 
         redirect = await follow_authorize(session, authorize)
         assert redirect.startswith(state.redirect_uri + "?")
         query = urlsplit(redirect).query
-        assert parse_qs(query)["state"] == [cookie.value]
+        assert parse_qs(query)["state"] == [issued]
 
-        status, page, headers = await callback(session, proxy, query, cookie.value)
+        status, page, headers = await callback(session, proxy, query)
         assert status == 200, page
         assert "Authorised" in page
         assert "1001" in page
@@ -81,30 +83,29 @@ async def test_callback_flow_end_to_end(fake_cloudbeds: Fake, start_proxy: Any) 
             assert response.status == 200
             assert (await response.json())["success"] is True
 
-        # The same code again: Cloudbeds refuses it, and the page says to start over.
+        # The same callback again: its state was used, so it never reaches Cloudbeds.
+        status, body, headers = await callback(session, proxy, query)
+        assert status == 400
+        assert json.loads(body)["error"] == headers["X-Cloudbeds-Proxy-Error"] == "invalid_state"
+        # A forged state, or none, is refused the same way.
+        fresh = state.issue_code()
+        for forged in ("default.forged", ""):
+            status, body, _ = await callback(session, proxy, f"code={fresh}&state={forged}")
+            assert (status, json.loads(body)["error"]) == (400, "invalid_state")
+        assert state.token_calls["authorization_code"] == 1
+
+        # A fresh state with a code Cloudbeds already took: the page says to start over.
+        new_state = parse_qs(urlsplit(await start(session, proxy)).query)["state"][0]
+        used_code = parse_qs(query)["code"][0]
         status, page, headers = await callback(
-            session, proxy, query, cookie.value, Accept="text/html,*/*"
+            session, proxy, f"code={used_code}&state={new_state}", Accept="text/html,*/*"
         )
         assert status == 400
         assert headers["Content-Type"].startswith("text/html")
         assert headers["X-Cloudbeds-Proxy-Error"] == "authorization_failed"
         assert "only once" in page
         assert "/_proxy/oauth/start" in page
-        status, body, headers = await callback(session, proxy, query, cookie.value)
-        assert status == 400
-        assert headers["Content-Type"].startswith("application/json")
-        assert json.loads(body)["error"] == "authorization_failed"
-        assert state.token_calls["authorization_code"] == 3
-
-        # A callback whose state does not match the cookie never reaches Cloudbeds.
-        fresh = f"code={state.issue_code()}&state=default.forged"
-        status, body, _ = await callback(session, proxy, fresh, cookie.value)
-        assert status == 400
-        assert json.loads(body)["error"] == "authorization_failed"
-        assert "state mismatch" in json.loads(body)["message"]
-        status, body, _ = await callback(session, proxy, fresh, "")
-        assert status == 400
-        assert state.token_calls["authorization_code"] == 3
+        assert state.token_calls["authorization_code"] == 2
 
         async with session.get(proxy + API) as response:
             assert response.status == 200, "the stored token survives the failed callbacks"

@@ -12,6 +12,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 
 from proxy.clock import FakeClock
 from proxy.errors import RateLimited, UnknownConnection
@@ -25,12 +26,14 @@ from proxy.ratelimit import (
     decide,
     paused,
 )
+from proxy.redis_store import RedisStore
 
 FIVE = RateLimit(rate=5, burst=5)
 
 
-def key_for(prefix: str) -> Callable[[str, str], str]:
-    return lambda credential, suffix: f"{prefix}:{{cred:{credential}}}:{suffix}"
+def shared_store(client: Any, prefix: str) -> RedisStore | None:
+    """The limiter's shared state on `client` (a fake or real Redis), as the app wires it."""
+    return RedisStore(client, prefix=prefix) if client is not None else None
 
 
 def sample(metrics: Metrics, name: str, credential: str) -> float:
@@ -155,8 +158,7 @@ def local_limiter(
     metrics = Metrics()
     limiter = Limiter(
         limits or {"a": FIVE, "b": FIVE, "off": RateLimit(rate=0)},
-        redis=kw.pop("redis", None),
-        key=key_for("t"),
+        shared=shared_store(kw.pop("redis", None), "t"),
         metrics=metrics,
         clock=t.clock,
         sleep=t.sleep,
@@ -235,8 +237,7 @@ async def test_a_full_queue_answers_at_once() -> None:
     metrics = Metrics()
     limiter = Limiter(
         {"a": limit},
-        redis=None,
-        key=key_for("t"),
+        shared=None,
         metrics=metrics,
         clock=FakeClock(),
         sleep=blocked_sleep,
@@ -271,8 +272,7 @@ def fake_limiter(
     metrics = Metrics()
     limiter = Limiter(
         kw.pop("limits", {"a": FIVE, "b": FIVE}),
-        redis=kw.pop("redis", None) or fakeredis.FakeAsyncRedis(server=server),
-        key=key_for("t"),
+        shared=shared_store(kw.pop("redis", None) or fakeredis.FakeAsyncRedis(server=server), "t"),
         metrics=metrics,
         sleep=sleep or FakeTime().sleep,
         replica_id=replica,
@@ -334,8 +334,7 @@ async def test_redis_down_falls_back_to_an_even_share_and_back() -> None:
     limiters = [fake_limiter(server, f"r{i}", limits=limits, sleep=t.sleep)[0] for i in range(3)]
     mine = Limiter(
         limits,
-        redis=fakeredis.FakeAsyncRedis(server=server),
-        key=key_for("t"),
+        shared=shared_store(fakeredis.FakeAsyncRedis(server=server), "t"),
         metrics=Metrics(),
         clock=t.clock,
         sleep=t.sleep,
@@ -384,8 +383,7 @@ async def replicas(
             out.append(
                 Limiter(
                     limits,
-                    redis=client,
-                    key=key_for(key_prefix),
+                    shared=RedisStore(client, prefix=key_prefix),
                     metrics=Metrics(),
                     replica_id=f"replica-{i}",
                     **kw,
@@ -428,7 +426,9 @@ async def test_three_replicas_never_exceed_rate_plus_burst(
 async def test_arrival_order_is_kept_across_replicas(
     replicas: Callable[..., list[Limiter]],
 ) -> None:
-    limiters = replicas({"a": RateLimit(rate=20, burst=2, max_wait=2)})
+    limiters = replicas({"a": RateLimit(rate=20, burst=2, max_wait=2), "warm": FIVE})
+    for limiter in limiters:  # each client loads the script first, so no call waits for that
+        await limiter.admit("warm")
     done: list[int] = []
 
     async def one(i: int) -> None:
@@ -486,8 +486,7 @@ async def test_redis_down_local_share_of_last_seen_replicas(
     client = aioredis.Redis.from_url(redis_url)
     mine = Limiter(
         limits,
-        redis=client,
-        key=key_for(key_prefix),
+        shared=RedisStore(client, prefix=key_prefix),
         metrics=Metrics(),
         clock=t.clock,
         sleep=t.sleep,
@@ -518,8 +517,7 @@ async def test_no_redis_at_all_uses_the_assumed_replica_count(key_prefix: str) -
     client = aioredis.Redis.from_url("redis://127.0.0.1:1/0")
     limiter = Limiter(
         {"a": RateLimit(rate=6, burst=3)},
-        redis=client,
-        key=key_for(key_prefix),
+        shared=RedisStore(client, prefix=key_prefix),
         metrics=Metrics(),
         clock=t.clock,
         sleep=t.sleep,
@@ -543,3 +541,20 @@ async def test_a_longer_max_wait_admits_what_the_default_refuses() -> None:
     with pytest.raises(RateLimited):
         await limiter.admit("a")
     assert await limiter.admit("a", max_wait=1.0) == pytest.approx(0.2, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "error", [ClusterDownError("down"), SlotNotCoveredError("slot"), ConnectionResetError()]
+)
+async def test_any_store_error_sends_the_limiter_to_its_local_share(error: Exception) -> None:
+    """Every Redis error is translated once, in the store: a cluster error is an outage too."""
+
+    class Broken(fakeredis.FakeAsyncRedis):
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            raise error
+
+    t = FakeTime()
+    limiter, _ = local_limiter(t, redis=Broken(server=fakeredis.FakeServer()))
+    assert await limiter.admit("a") == 0.0
+    assert limiter.mode == "local-fallback"
+    await limiter.pause("a", 1.0)  # and a pause stays local, never raises

@@ -25,10 +25,10 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fake_cloudbeds import FakeCloudbeds
-CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, fake_env, wait_ready
 
+CREDENTIAL_SELECTOR = "X-Cloudbeds-Credential"
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 Fake = tuple[FakeCloudbeds, str]

@@ -156,21 +156,31 @@ def fake_store(client: fake_aioredis.FakeRedis, cipher: TokenCipher | None = Non
     return RedisStore(client, prefix="t", cipher=cipher)
 
 
-async def test_key_layout_uses_one_hash_tag_per_credential(
+async def test_key_layout_shares_one_hash_tag_for_the_registry(
     fake_client: fake_aioredis.FakeRedis,
 ) -> None:
     store = fake_store(fake_client)
-    assert store.key("default", "record") == "t:{cred:default}:record"
+    assert store.record_key("default") == "t:{conns}:rec:default"
     assert store.key("default", "lock") == "t:{cred:default}:lock"
-    assert store.channel == "t:changes"
     assert store.shared is True
     as_protocol: TokenStore = store  # mypy checks RedisStore against the protocol
     lock: RefreshLock = as_protocol.lock("default", 1)
     assert lock is not None
     await store.put("default", record(1))
-    stored = await fake_client.hgetall("t:{cred:default}:record")
+    stored = await fake_client.hgetall("t:{conns}:rec:default")
     assert stored[b"generation"] == b"1"
     assert json.loads(stored[b"data"]) == record(1).to_json()
+    assert await fake_client.zrange("t:{conns}:ids", 0, -1) == [b"default"]
+    assert await fake_client.xlen("t:{conns}:feed") == 1
+
+
+async def test_a_record_in_the_older_layout_is_read(fake_client: fake_aioredis.FakeRedis) -> None:
+    store = fake_store(fake_client)
+    data = json.dumps(record(4).to_json())
+    await fake_client.hset("t:{cred:default}:record", mapping={"generation": 4, "data": data})
+    assert await store.load("default") == record(4)
+    assert await store.put("default", record(5))  # written in the new layout from then on
+    assert await store.load("default") == record(5)
 
 
 async def test_load_returns_what_put_stored(fake_client: fake_aioredis.FakeRedis) -> None:
@@ -210,20 +220,36 @@ async def test_reauthorization_state_and_missing_tokens_round_trip(
     assert await store.load("default") == rec
 
 
-async def test_put_publishes_the_name_and_changes_yields_it(
+async def test_put_feeds_the_name_and_changes_follow_from_a_position(
     fake_client: fake_aioredis.FakeRedis,
 ) -> None:
     store = fake_store(fake_client)
-    changes = store.changes()
-    pending = asyncio.ensure_future(anext(changes))
-    await eventually(
-        lambda: _numsub(fake_client, store.channel, 1),
-    )
+    start = await store.position()
     await store.put("default", record(1))
-    assert await asyncio.wait_for(pending, 5) == "default"
-    assert await store.put("default", record(1)) is False  # refused: nothing published
+    assert await store.put("default", record(1)) is False  # refused: not in the feed
     await store.put("other", record(1))
-    assert await asyncio.wait_for(anext(changes), 5) == "other"
+    changes = store.changes(start)
+    first = await asyncio.wait_for(anext(changes), 5)
+    second = await asyncio.wait_for(anext(changes), 5)
+    await changes.aclose()
+    assert [first[1], second[1]] == ["default", "other"]
+    # A follower that resumes from a position sees only what came after it.
+    await store.put("third", record(1))
+    resumed = store.changes(second[0])
+    assert (await asyncio.wait_for(anext(resumed), 5))[1] == "third"
+    await resumed.aclose()
+
+
+async def test_a_follower_whose_position_was_trimmed_rereads(
+    fake_client: fake_aioredis.FakeRedis,
+) -> None:
+    store = fake_store(fake_client)
+    await store.put("a", record(1))
+    position = await store.position()
+    await store.put("b", record(1))
+    await fake_client.xtrim("t:{conns}:feed", maxlen=1, approximate=False)  # "a"'s entry is gone
+    changes = store.changes(position)
+    assert await asyncio.wait_for(anext(changes), 5) == (position, None)
     await changes.aclose()
 
 
@@ -243,7 +269,7 @@ async def test_encrypted_record_hides_tokens_and_marks_itself(
 ) -> None:
     store = fake_store(fake_client, TokenCipher.from_keys([KEY_A]))
     await store.put("default", record(1))
-    raw = await _data(fake_client, store.key("default", "record"))
+    raw = await _data(fake_client, store.record_key("default"))
     assert ACCESS.encode() not in raw
     assert REFRESH.encode() not in raw
     assert json.loads(raw)["enc"] == 1
@@ -265,7 +291,7 @@ async def test_plaintext_record_reads_with_a_key_then_is_rewritten_encrypted(
     encrypting = fake_store(fake_client, TokenCipher.from_keys([KEY_A]))
     assert await encrypting.load("default") == record(1)
     await encrypting.put("default", record(2))
-    raw = await _data(fake_client, encrypting.key("default", "record"))
+    raw = await _data(fake_client, encrypting.record_key("default"))
     assert ACCESS.encode() not in raw
     assert await encrypting.load("default") == record(2)
 
@@ -277,7 +303,7 @@ async def test_corrupt_record_is_unreadable(
     fake_client: fake_aioredis.FakeRedis, data: bytes
 ) -> None:
     store = fake_store(fake_client)
-    await fake_client.hset(store.key("default", "record"), mapping={"generation": 1, "data": data})
+    await fake_client.hset(store.record_key("default"), mapping={"generation": 1, "data": data})
     with pytest.raises(RecordUnreadable, match="'default'"):
         await store.load("default")
 
@@ -315,23 +341,10 @@ async def test_connection_errors_become_store_unavailable(
         )
     await store.lock("default", 30).release()  # never raises
     with pytest.raises(StoreUnavailable):
-        await anext(store.changes())
+        await anext(store.changes("0-0"))
     server.connected = True
     assert await store.load("default") == record(1)
     assert await fake_client.exists(store.key("default", "lock"))
-
-
-async def test_a_failed_publish_still_reports_the_write(
-    fake_client: fake_aioredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = fake_store(fake_client)
-
-    async def broken_publish(*args: object) -> int:
-        raise ConnectionResetError
-
-    monkeypatch.setattr(fake_client, "publish", broken_publish)
-    assert await store.put("default", record(1)) is True
-    assert await store.load("default") == record(1)
 
 
 # --- integration tests on the real Redis ----------------------------------------------
@@ -398,23 +411,17 @@ async def test_real_concurrent_puts_of_one_generation_one_wins(
 
 
 @pytest.mark.redis
-async def test_real_pubsub_delivers_names_to_other_replicas(
-    make_store: Callable[..., RedisStore], real_redis: aioredis.Redis
+async def test_real_feed_delivers_names_to_other_replicas(
+    make_store: Callable[..., RedisStore],
 ) -> None:
     writer, reader = make_store(), make_store()
-    changes = reader.changes()
+    changes = reader.changes(await reader.position())
     pending = asyncio.ensure_future(anext(changes))
-    await eventually(lambda: _numsub(real_redis, reader.channel, 1))
     await writer.put("group-a", record(1))
-    assert await asyncio.wait_for(pending, 5) == "group-a"
+    assert (await asyncio.wait_for(pending, 5))[1] == "group-a"
     await writer.put("group-b", record(1))
-    assert await asyncio.wait_for(anext(changes), 5) == "group-b"
+    assert (await asyncio.wait_for(anext(changes), 5))[1] == "group-b"
     await changes.aclose()
-    await eventually(lambda: _numsub_is_zero(real_redis, reader.channel))
-
-
-async def _numsub_is_zero(client: aioredis.Redis, channel: str) -> bool:
-    return not await _numsub(client, channel, 1)
 
 
 @pytest.mark.redis
@@ -503,16 +510,13 @@ async def test_private_server_killed_then_restarted() -> None:
     server = RedisServer(password=password)
     server.start()
     store = RedisStore.from_url(server.url, prefix="outage", socket_timeout=0.5)
-    changes = store.changes()
+    changes = store.changes("0-0")
     try:
         await store.ping()
-        assert await store.put("default", record(1))
         pending = asyncio.ensure_future(anext(changes))
-        probe = aioredis.Redis.from_url(server.url)
-        try:
-            await eventually(lambda: _numsub(probe, store.channel, 1))
-        finally:
-            await probe.aclose()
+        assert await store.put("default", record(1))
+        assert (await asyncio.wait_for(pending, 5))[1] == "default"
+        pending = asyncio.ensure_future(anext(changes))
 
         server.kill()
         for call in every_operation(store):

@@ -92,7 +92,7 @@ async def test_routes_by_name_then_property_then_default(
     assert await credential_sent(routed_proxy.url, headers) == expected
 
 
-async def test_unknown_credential_is_a_400_that_lists_the_names(
+async def test_unknown_credential_is_a_404(
     routed_proxy: ProxyProcess, fake_cloudbeds: Fake
 ) -> None:
     state, _ = fake_cloudbeds
@@ -104,10 +104,10 @@ async def test_unknown_credential_is_a_400_that_lists_the_names(
         ) as response,
     ):
         body = await response.json()
-        assert response.status == 400
-        assert response.headers["X-Cloudbeds-Proxy-Error"] == "unknown_credential"
-    assert body["error"] == "unknown_credential"
-    assert "a, b" in body["message"]
+        assert response.status == 404
+        assert response.headers["X-Cloudbeds-Proxy-Error"] == "unknown_connection"
+    assert body["error"] == "unknown_connection"
+    assert "zzz" in body["message"]
     assert state.api_calls == calls, "nothing went upstream"
 
     async with (

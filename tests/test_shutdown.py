@@ -122,7 +122,7 @@ async def test_sigterm_releases_the_refresh_lock_at_once(
         assert await asyncio.to_thread(proxy.wait, 20) == 0
         # Gone now, not in 60 s when its TTL would have freed it.
         assert await client.exists(lock_key) == 0
-        record = await client.hget(f"{key_prefix}:{{cred:default}}:record", "data")
+        record = await client.hget(f"{key_prefix}:{{conns}}:rec:default", "data")
         assert record is not None
         # Let through, the refresh that was under way is stored (generation 2);
         # cut short, only the seed (generation 1) is.

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from proxy.tokens import State, TokenRecord, seed_record
+from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve, seed_record
 
 NOW = 1_700_000_000.0
 
@@ -89,3 +90,75 @@ def test_repr_and_str_never_show_tokens() -> None:
         assert "access-token-secret-1" not in text
         assert "refresh-token-secret-1" not in text
     assert "generation=4" in repr(rec)
+
+
+# --- which record wins a refused write -----------------------------------------------------
+
+OK_GRANT = TokenRecord("new-access", 200.0, "rotated", 5)
+REFUSAL = TokenRecord(None, 0.0, "old", 5, state=State.REAUTHORIZATION_REQUIRED)
+NEWER_OK = TokenRecord("other", 300.0, "other-refresh", 6)
+GONE = TokenRecord(None, 0.0, None, 6, state=State.DISCONNECTED)
+
+
+@pytest.mark.parametrize(
+    ("mine", "stored", "write", "outcome"),
+    [
+        # A grant beats a refusal made from the same record (two refreshes of one record).
+        (OK_GRANT, REFUSAL, Write.REFRESH, Outcome.REBASE),
+        # ... but not a refusal of the very refresh token it carries.
+        (
+            OK_GRANT,
+            dataclasses.replace(REFUSAL, refresh_token="rotated"),
+            Write.REFRESH,
+            Outcome.ADOPT,
+        ),
+        # ... nor one from another generation.
+        (OK_GRANT, dataclasses.replace(REFUSAL, generation=6), Write.REFRESH, Outcome.ADOPT),
+        # A refresh loses to a newer record and to a disconnect.
+        (OK_GRANT, NEWER_OK, Write.REFRESH, Outcome.ADOPT),
+        (OK_GRANT, GONE, Write.REFRESH, Outcome.ADOPT),
+        # A refusal never rebases.
+        (REFUSAL, NEWER_OK, Write.REFRESH, Outcome.ADOPT),
+        # An authorisation wins over anything, a disconnect included.
+        (OK_GRANT, NEWER_OK, Write.AUTHORIZATION, Outcome.REBASE),
+        (OK_GRANT, GONE, Write.AUTHORIZATION, Outcome.REBASE),
+        # An edit is made again on whatever is stored.
+        (OK_GRANT, NEWER_OK, Write.CHANGE, Outcome.REAPPLY),
+        (GONE, REFUSAL, Write.CHANGE, Outcome.REAPPLY),
+    ],
+)
+def test_resolve(mine: TokenRecord, stored: TokenRecord, write: Write, outcome: Outcome) -> None:
+    assert resolve(mine, stored, write) is outcome
+
+
+def test_an_api_key_is_usable_until_disconnected() -> None:
+    key = TokenRecord("cbat_k", 0.0, None, 1, kind=Kind.API_KEY)
+    assert key.usable(1e12)
+    assert not dataclasses.replace(key, state=State.DISCONNECTED).usable(0.0)
+    assert key.view("c")["expires_at"] is None
+
+
+def test_view_never_shows_a_secret() -> None:
+    view = TokenRecord("access-secret", 9.0, "refresh-secret", 1, app="a", metadata={"k": 1}).view(
+        "a.property.1", 5.0
+    )
+    assert "secret" not in json.dumps(view)
+    assert view == {
+        "id": "a.property.1",
+        "app": "a",
+        "kind": "oauth",
+        "state": "ok",
+        "properties": [],
+        "metadata": {"k": 1},
+        "created_at": None,
+        "updated_at": None,
+        "last_used_at": 5.0,
+        "expires_at": 9.0,
+        "generation": 1,
+    }
+
+
+def test_a_record_written_before_connections_still_reads() -> None:
+    old = {"access_token": "a", "expires_at": 1.0, "refresh_token": "r", "generation": 3}
+    record = TokenRecord.from_json(old)
+    assert (record.app, record.kind, record.metadata) == (None, Kind.OAUTH, {})

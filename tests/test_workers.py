@@ -98,7 +98,7 @@ async def test_two_workers_share_one_port_and_one_token(
 
     # Each refresh made the next generation: no token was refreshed twice (the seed is
     # generation 1). A refresh comes at most once per 0.8 s (half of 2 s minus jitter).
-    raw = await real_redis.hget(f"{key_prefix}:{{cred:default}}:record", "data")
+    raw = await real_redis.hget(f"{key_prefix}:{{conns}}:rec:default", "data")
     assert raw is not None
     generation = json.loads(raw)["generation"]
     calls = fake.token_calls["refresh_token"]
