@@ -27,6 +27,7 @@ from proxy.connections import Connections
 from proxy.coordinator import OAuthCredential
 from proxy.credentials import ApiKeyCredential, Credential
 from proxy.crypto import TokenCipher
+from proxy.delivery import Delivery
 from proxy.errors import ProxyError, StoreUnavailable
 from proxy.forwarding import EXCHANGE, Exchange, Forwarder, error_body
 from proxy.headers import REQUEST_ID, check_target
@@ -57,6 +58,8 @@ class Runtime:
     limiter: Limiter
     forwarder: Forwarder
     connections: Connections
+    delivery: Delivery | None = None
+    """Set when CBPROXY_EVENTS_URL is: the task that POSTs connection events."""
     stop_deadline: float | None = None
     """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
@@ -165,10 +168,20 @@ async def _runtime(
     forwarder = Forwarder(
         settings, session, registry, limiter, metrics, callers=Callers(settings.callers)
     )
-    connections = Connections(settings, store, session, registry, limiter, clock=clock)
+    delivery = _delivery(settings, store, session, metrics, clock)
+    connections = Connections(
+        settings,
+        store,
+        session,
+        registry,
+        limiter,
+        clock=clock,
+        on_events=delivery.wake if delivery is not None else lambda: None,
+    )
     runtime = Runtime(
         settings, store, metrics, clock, session, registry, limiter, forwarder, connections
     )
+    runtime.delivery = delivery
     tasks: set[asyncio.Task[None]] = set()
     try:
         await registry.start()
@@ -176,6 +189,8 @@ async def _runtime(
         if store.shared:
             tasks.add(asyncio.create_task(limiter.run_heartbeat(), name="heartbeat"))
         tasks.add(asyncio.create_task(_poll(runtime), name="poll"))
+        if delivery is not None:
+            tasks.add(asyncio.create_task(delivery.run(), name="events"))
         log.info(
             "proxy.started",
             connections=len(registry.connections),
@@ -195,6 +210,28 @@ async def _runtime(
             await registry.flush_used()
         await session.close()
         await store.close()
+
+
+def _delivery(
+    settings: Settings,
+    store: TokenStore,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    clock: Clock,
+) -> Delivery | None:
+    """The event delivery task's object, only when CBPROXY_EVENTS_URL is set."""
+    if not settings.events_url:
+        return None
+    # load_settings refuses CBPROXY_EVENTS_URL without CBPROXY_EVENTS_SECRET.
+    assert settings.events_secret
+    return Delivery(
+        store,
+        session,
+        url=settings.events_url,
+        secret=settings.events_secret,
+        metrics=metrics,
+        clock=clock,
+    )
 
 
 def credential_factory(

@@ -121,9 +121,12 @@ class Connections:
         limiter: Limiter,
         *,
         clock: Clock,
+        on_events: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings, self._store, self._session = settings, store, session
         self._registry, self._limiter, self._clock = registry, limiter, clock
+        self._on_events = on_events
+        """Called after a write that carried events (wakes this replica's delivery)."""
 
     def app(self, name: str) -> AppSettings:
         app = self._settings.app(name)
@@ -231,6 +234,8 @@ class Connections:
                     raise
                 return await self._keep(name, record, events)
             if written:
+                if events:
+                    self._on_events()
                 await self._registry.apply(name, record)
                 return record
             now_stored = await self._store.load(name)

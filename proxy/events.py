@@ -70,9 +70,16 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
-        data = json.loads(raw)
-        data["type"] = EventType(data["type"])
-        return cls(**data)
+        """The stored event, or ValueError. Fields it does not know are ignored (a newer
+        replica's, in a rolling upgrade, must not stop an older lease holder's deliveries)."""
+        try:
+            data = json.loads(raw)
+            known = {field.name for field in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+            data["type"] = EventType(data["type"])
+            return cls(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"not an event this version can read ({type(exc).__name__})") from None
 
 
 def new_event(type_: EventType, connection: dict[str, Any], now: float) -> Event:
@@ -86,22 +93,30 @@ def sign(secret: str, body: bytes, t: int) -> str:
 
 
 def verify(secret: str, body: bytes, header: str, now: float, tolerance: float = 300.0) -> bool:
-    """What a receiver checks: a v1 signature of this body, made within `tolerance` seconds."""
-    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    try:
-        t = int(fields["t"])
-    except (KeyError, ValueError):
+    """What a receiver checks: a v1 signature of this body, made within `tolerance` seconds.
+
+    As with Stripe's scheme the header may carry several `v1=` values (a sender in the
+    middle of rotating its secret); one matching is enough. Spaces around parts are ignored.
+    """
+    parts = [part.strip().partition("=") for part in header.split(",")]
+    stamps = [value for key, sep, value in parts if sep and key == "t"]
+    macs = [value for key, sep, value in parts if sep and key == "v1"]
+    if len(stamps) != 1 or not stamps[0].isdigit():
         return False
+    t = int(stamps[0])
     if abs(now - t) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, body, t), f"t={t},v1={fields.get('v1', '')}")
+    expected = sign(secret, body, t).rpartition("v1=")[2]
+    # Every candidate is compared (no early exit), each in constant time.
+    return sum(hmac.compare_digest(expected, mac) for mac in macs) > 0
 
 
 def retry(event: Event, now: float, jitter: float) -> Event | None:
     """The event rescheduled after a failed delivery, or None once 24 hours have passed."""
     if now - event.occurred_at >= RETRY_FOR:
         return None
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**event.attempts)
+    # The exponent is capped too: 2.0**1024 overflows, and the cap is reached long before.
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(event.attempts, 32))
     delay = ceiling * (0.5 + jitter / 2)
     return dataclasses.replace(event, attempts=event.attempts + 1, next_at=now + delay)
 

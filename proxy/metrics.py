@@ -3,6 +3,7 @@
 Labels are credential names, app names (`app:NAME` for the connections of an app),
 methods, status classes, states and error codes: never a secret, never a path (paths carry
 reservation and guest ids), never a connection id (their number grows with installs).
+Event metrics carry only an outcome label, never an event id.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ class Metrics:
             "cbproxy_ratelimit_paused",
             "1 while Cloudbeds asked this credential to pause",
             ["credential"],
+            registry=r,
+        )
+        self.event_deliveries = Counter(
+            "cbproxy_event_deliveries",
+            "Event delivery attempts by outcome (delivered, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        self.events_pending = Gauge(
+            "cbproxy_events_pending",
+            "Undelivered events in the outbox as the delivering replica last read it "
+            "(0 on the others; at most one read's batch)",
             registry=r,
         )
 

@@ -49,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from proxy.crypto import TokenCipher
 from proxy.errors import StoreUnavailable
 from proxy.events import Event
-from proxy.store import STATE_TTL, Page, RecordCodec
+from proxy.store import STATE_TTL, Page, RecordCodec, readable
 from proxy.tokens import TokenRecord
 
 log = structlog.get_logger(__name__)
@@ -452,10 +452,12 @@ class RedisStore:
             )
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:  # ZRANGE 0 -1 would be the whole outbox
+            return []
         with _redis_errors():
             ids: list[Any] = list(await self.client.zrange(self.base + "outbox", 0, limit - 1))
             raws = await self.client.hmget(self.base + "outbox:data", ids) if ids else []
-        return [Event.from_json(raw) for raw in raws if raw is not None]
+        return readable(zip((_text(i) for i in ids), raws, strict=True))
 
     async def outbox_done(self, event_id: str) -> None:
         with _redis_errors():

@@ -29,7 +29,7 @@ from proxy.clock import Clock, system_clock
 from proxy.crypto import TokenCipher
 from proxy.errors import StoreUnavailable
 from proxy.events import Event
-from proxy.store import STATE_TTL, Page, RecordCodec
+from proxy.store import STATE_TTL, Page, RecordCodec, readable
 from proxy.tokens import TokenRecord
 
 T = TypeVar("T")
@@ -240,12 +240,14 @@ class SqliteStore:
         return await self._run(take)
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:  # a negative LIMIT would be the whole outbox
+            return []
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT data FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT event_id, data FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         )
-        return [Event.from_json(row[0]) for row in rows]
+        return readable((row[0], row[1]) for row in rows)
 
     async def outbox_done(self, event_id: str) -> None:
         def done(db: sqlite3.Connection) -> None:

@@ -24,11 +24,15 @@ import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
+import structlog
+
 from proxy.clock import Clock, system_clock
 from proxy.crypto import TokenCipher
 from proxy.errors import RecordUnreadable
 from proxy.events import Event
 from proxy.tokens import TokenRecord
+
+log = structlog.get_logger("proxy.store")
 
 STATE_TTL = 600.0
 """Seconds an install state lives: as long as the authorization code it protects."""
@@ -176,6 +180,24 @@ class RecordCodec:
             ) from None
 
 
+def readable(stored: Iterable[tuple[str, str | bytes | None]]) -> list[Event]:
+    """The outbox entries (id, JSON) this version can read, in order.
+
+    One it cannot (a type added by a newer replica during a rolling upgrade, or damage)
+    is skipped with a warning and left in place for a replica that can: one unreadable
+    entry must not stop every delivery behind it.
+    """
+    events = []
+    for event_id, raw in stored:
+        if raw is None:
+            continue
+        try:
+            events.append(Event.from_json(raw))
+        except ValueError as exc:
+            log.warning("events.unreadable", event_id=str(event_id)[:64], reason=str(exc))
+    return events
+
+
 def after(names: Iterable[str], cursor: str | None, limit: int) -> tuple[list[str], str | None]:
     """One page of sorted `names` after `cursor`, and the next page's cursor."""
     chosen = sorted(n for n in names if cursor is None or n > cursor)
@@ -273,6 +295,8 @@ class MemoryStore:
         return True
 
     async def outbox_pending(self, limit: int) -> list[Event]:
+        if limit <= 0:
+            return []
         return list(self._outbox.values())[:limit]
 
     async def outbox_done(self, event_id: str) -> None:
