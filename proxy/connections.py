@@ -155,7 +155,7 @@ class Connections:
             return granted(stored, app.name, grant, self._clock()), happened[0]
 
         record = await self.write(name, build, Write.AUTHORIZATION)
-        log.info("connection.installed", connection=name, event=happened[0].value)
+        log.info("connection.installed", connection=name, change=happened[0].value)
         return name, record, happened[0]
 
     async def _exchange(self, app: AppSettings, code: str) -> Grant:
