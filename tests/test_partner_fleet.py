@@ -414,8 +414,8 @@ async def test_delete_disables_the_app_and_stops_every_replica(
     assert [c["property_id"] for c in disabled][:1] == ["5001"]
     assert {c["app_state"] for c in disabled} == {"disabled"}
     assert len(disabled) <= len(props)
-    assert [t for t in state.valid_refresh_tokens() if state.grant_of(t).client_id == client] == []
-    assert [t for t in state.valid_access_tokens() if state.grant_of(t).client_id == client] == []
+    still = [*state.valid_refresh_tokens(), *state.valid_access_tokens()]
+    assert [t for t in still if getattr(state.grant_of(t), "client_id", None) == client] == []
 
     for proxy in (a, b):
         for pid in props:
@@ -541,7 +541,7 @@ async def test_one_budget_per_app_across_connections_and_replicas(
         for pid in props:
 
             async def routed(proxy: ProxyProcess = proxy, pid: str = pid) -> bool:
-                status, _, error = await hotels(session, proxy.url, {"X-PROPERTY-ID": pid})
+                _, _, error = await hotels(session, proxy.url, {"X-PROPERTY-ID": pid})
                 return error != "unknown_property"
 
             await eventually(routed, PROPAGATION_BOUND, f"{pid} known on {proxy.url}")
@@ -550,9 +550,7 @@ async def test_one_budget_per_app_across_connections_and_replicas(
     targets = [(p.url, pid) for p in replicas for pid in props]
     outcomes: collections.Counter[str] = collections.Counter()
     stop = asyncio.Event()
-    callers = [
-        asyncio.create_task(_caller(session, targets, i, stop, outcomes)) for i in range(24)
-    ]
+    callers = [asyncio.create_task(_caller(session, targets, i, stop, outcomes)) for i in range(24)]
     await asyncio.sleep(10)  # the measured window: load, not a wait for something
     stop.set()
     await asyncio.gather(*callers)
@@ -610,7 +608,7 @@ async def test_sqlite_store_keeps_the_rotated_refresh_token_across_a_restart(
     name, first_generation = connection["id"], connection["generation"]
 
     async def rotated() -> Any:
-        status, shown = await admin(session, "GET", proxy.url, name)
+        _, shown = await admin(session, "GET", proxy.url, name)
         return state.token_calls_by_client[client]["refresh_token"] >= 1 and (
             shown["connection"]["generation"] > first_generation
         )
@@ -681,7 +679,7 @@ async def test_official_sdk_is_routed_by_property(
         before = len(state.api_log)
         answer = await asyncio.to_thread(api.get_reservations_get, property_id=pid)
         assert answer.success is True
-        assert [r.property_id for r in answer.data] == [pid]
+        assert [r.property_id for r in answer.data or []] == [pid]
         (entry,) = state.api_log[before:]
         assert entry["path"] == "/api/v1.3/getReservations"
         assert (entry["connection"], entry["asked"]) == (f"{client}/property:{pid}", [pid])

@@ -25,8 +25,6 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fake_cloudbeds import FakeCloudbeds
-
-
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, fake_env, wait_ready
 
