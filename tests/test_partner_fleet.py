@@ -586,6 +586,52 @@ async def test_one_budget_per_app_across_connections_and_replicas(
     assert_no_secrets(state, replicas)
 
 
+async def test_replays_after_a_401_spend_the_app_budget_too(
+    fake_cloudbeds: Fake,
+    redis_url: str,
+    key_prefix: str,
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    state, fake_url = fake_cloudbeds
+    calls = record_calls(state)
+    register(state, ALPHA)
+    config = write_config(tmp_path, app_table(ALPHA, rate_limit=RATE, rate_burst=BURST))
+    env = partner_env(fake_url, config, CBPROXY_LOCK_TTL="6", **redis_env(redis_url, key_prefix))
+    (proxy,) = await fleet(env, config)
+    client = ALPHA[1]
+    await install(session, proxy.url, "alpha", state.marketplace_install(client, ["6101"]))
+
+    # Cloudbeds revokes the token. A 401 forces a refresh only once the token is 5 s old
+    # (`min_forced_interval`): until then each 401 goes back to its caller. Then one refresh
+    # runs and every request in flight is sent again; Cloudbeds counts each of those calls.
+    state.revoke_all()
+    before = state.api_calls_by_client[client]
+    answers: list[tuple[int, dict[str, Any], str | None]] = []
+    async with asyncio.timeout(20):
+        while state.token_calls_by_client[client]["refresh_token"] == 0:
+            answers += await asyncio.gather(
+                *(hotels(session, proxy.url, {"X-PROPERTY-ID": "6101"}) for _ in range(5 * BURST))
+            )
+    outcomes = collections.Counter(
+        "ok" if status == 200 and body.get("success") else f"{status}:{error}"
+        for status, body, error in answers
+    )
+    upstream = sum(error is None for _, _, error in answers)
+    replays = state.api_calls_by_client[client] - before - upstream
+    print(
+        f"\n401 storm: outcomes {dict(outcomes)}, {replays} replayed call(s), token calls "
+        f"{dict(state.token_calls_by_client[client])}, highest sliding-second count "
+        f"{state.max_in_window(client)}: {' '.join(busiest_second(calls, client))}"
+    )
+    assert state.token_calls_by_client[client]["refresh_token"] == 1
+    assert set(outcomes) <= {"ok", "401:None", "429:rate_limited"}, outcomes
+    assert outcomes["ok"] >= 1
+    assert replays >= 1  # the storm happened
+    assert state.max_in_window(client) <= RATE + BURST, " ".join(busiest_second(calls, client))
+
+
 # --- 6. without Redis: the SQLite file survives a restart ----------------------------------
 
 
