@@ -407,6 +407,7 @@ async def test_delete_disables_the_app_and_stops_every_replica(
 
     status, body = await admin(session, "DELETE", b.url, name)
     assert status == 204, body
+    tokens_at_delete = token_calls(state, client)
     disabled = [c for c in state.app_state_calls if c["client_id"] == client]
     # One postAppState per property, the first with a working credential. The fake (as
     # "Connecting and disconnecting apps" reads) ends the whole authorisation with the
@@ -437,6 +438,7 @@ async def test_delete_disables_the_app_and_stops_every_replica(
         status, shown = await admin(session, "GET", proxy.url, name)
         assert status == 200
         assert shown["connection"]["state"] == "disconnected"
+    assert token_calls(state, client) == tokens_at_delete  # no replica tries to refresh it
     assert_no_secrets(state, [a, b])
 
 
