@@ -182,12 +182,15 @@ async def admin(
 
 
 def assert_no_secrets(state: FakeCloudbeds, procs: list[ProxyProcess]) -> None:
-    """No credential the fake issued, and not the admin token, appears in any proxy log."""
+    """No credential the fake issued (nor the admin token, nor a client secret) is logged."""
     issued = [*state._access_tokens, *state._refresh_tokens, *state._api_keys, *state._codes]
     for proc in procs:
         text = proc.log_text()
         for secret in [*issued, ADMIN_TOKEN, ALPHA[2], BETA[2]]:
             assert secret not in text, f"a secret leaked into {proc.log_path.name}"
+        # Used codes and rotated tokens are no longer in the fake's books: their shapes.
+        for shape in ("fake-code-", "fake-access-", "fake-refresh-"):
+            assert shape not in text, f"a {shape}... credential leaked into {proc.log_path.name}"
 
 
 def token_calls(state: FakeCloudbeds, client_id: str) -> int:
