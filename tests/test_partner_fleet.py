@@ -270,6 +270,48 @@ async def test_install_on_one_replica_is_served_by_another(
     assert_no_secrets(state, [a, b])
 
 
+async def test_install_started_on_one_replica_completes_on_another(
+    fake_cloudbeds: Fake,
+    redis_url: str,
+    key_prefix: str,
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    state, fake_url = fake_cloudbeds
+    register(state, ALPHA)
+    config = write_config(tmp_path, app_table(ALPHA, rate_limit=50, rate_burst=50))
+    env = partner_env(fake_url, config, **redis_env(redis_url, key_prefix))
+    a, b = await fleet(env, config, count=2)
+    client = ALPHA[1]
+    state.queue_install(client, ["2501"])
+
+    async with session.get(f"{a.url}/_proxy/apps/alpha/install", allow_redirects=False) as r:
+        assert r.status == 302
+        authorize = r.headers["Location"]
+    async with session.get(authorize, allow_redirects=False) as r:  # Cloudbeds approves
+        assert r.status == 302
+        query = urlsplit(r.headers["Location"]).query
+    assert "state=" in query
+    callback = f"{b.url}/_proxy/apps/alpha/callback?{query}"
+    async with session.get(callback, headers=JSON) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    assert body["connection"]["id"] == "alpha.property.2501"
+    tokens = token_calls(state, client)
+    async with session.get(callback, headers=JSON) as r:  # the state is single use
+        again = await r.json()
+        assert (r.status, again["error"]) == (400, "invalid_state"), again
+    assert token_calls(state, client) == tokens  # refused before any token call
+
+    async def served_on_a() -> Any:
+        return await served_entry(state, session, a.url, {"X-PROPERTY-ID": "2501"})
+
+    entry, _ = await eventually(served_on_a, PROPAGATION_BOUND, "served on A")
+    assert entry["connection"] == f"{client}/property:2501"
+    assert_no_secrets(state, [a, b])
+
+
 # --- 2. both deliveries -------------------------------------------------------------------
 
 
