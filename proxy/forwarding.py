@@ -2,7 +2,8 @@
 
 The path and query go upstream exactly as received (`request.raw_path`, `encoded=True`):
 no re-encoding. Bodies stream in both directions; only a body small enough to replay
-after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole first.
+after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole first; the
+replay takes its own slot of the rate budget, as every call to Cloudbeds does.
 aiohttp's client adds headers of its own unless told not to (`skip_auto_headers`) and
 decompresses unless told not to (`auto_decompress=False` on the session): the caller's
 bytes and Cloudbeds' bytes pass unchanged.
@@ -220,6 +221,9 @@ class Forwarder:
             request[EXCHANGE].not_replayed = True
             return response
         response.release()
+        # Cloudbeds counts the replay like any call (its limit is per client id), so it
+        # takes a slot of the budget; refused, the caller gets the 429 and Retry-After.
+        await self._limiter.admit(credential.settings.budget)
         self._metrics.replays.labels(credential.name, "replayed").inc()
         log.info("request.replayed_after_401", credential=credential.name)
         return await self._send(request, credential, await credential.header(), body)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,12 +53,21 @@ async def wait_ready(url: str, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+_STATE_DIR = tempfile.mkdtemp(prefix="cbproxy-test-state-")
+atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
+
+
+def fresh_state_file() -> str:
+    """A SQLite state file no other test uses (the default lives in the working directory,
+    where every test without Redis would share it and see the others' tokens)."""
+    return str(Path(_STATE_DIR) / f"{uuid.uuid4().hex}.db")
+
+
 def fake_env(fake_url: str) -> dict[str, str]:
     """Variables that point a proxy at the fake Cloudbeds with its default credential,
     with a state file of its own (the default store without Redis)."""
-    state_dir = tempfile.mkdtemp(prefix="cbproxy-test-")
     return {
-        "CBPROXY_STATE_FILE": os.path.join(state_dir, "state.db"),
+        "CBPROXY_STATE_FILE": fresh_state_file(),
         "CBPROXY_UPSTREAM_URL": fake_url,
         "CBPROXY_TOKEN_URL": f"{fake_url}/api/v1.3/access_token",
         "CBPROXY_AUTHORIZE_URL": f"{fake_url}/api/v1.3/oauth",
@@ -84,7 +96,7 @@ class ProxyProcess:
             **os.environ,
             "CBPROXY_PORT": str(self.port),
             "CBPROXY_LOG_FORMAT": "json",
-            # Its own state file unless told otherwise: a test never sees another's records.
+            # Its own store when it has no Redis (a test's own value wins).
             "CBPROXY_STATE_FILE": str(log_path.with_suffix(".db")),
             **env,
         }

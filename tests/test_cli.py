@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, fresh_state_file
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
-        env={**os.environ, **env},
+        env={**os.environ, "CBPROXY_STATE_FILE": fresh_state_file(), **env},
         capture_output=True,
         text=True,
         timeout=30,
