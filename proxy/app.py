@@ -25,7 +25,7 @@ from proxy.config import Kind, Settings
 from proxy.coordinator import OAuthCredential
 from proxy.credentials import ApiKeyCredential, Credential
 from proxy.crypto import TokenCipher
-from proxy.errors import ProxyError, StoreUnavailable
+from proxy.errors import BodyIncomplete, ProxyError, StoreUnavailable
 from proxy.forwarding import EXCHANGE, Exchange, Forwarder, Router, error_body
 from proxy.headers import REQUEST_ID, check_target
 from proxy.logs import register_secret
@@ -33,6 +33,7 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
 from proxy.store import MemoryStore, TokenStore
+from proxy.upstream import GuardedConnector, VerbatimRequest
 
 log = structlog.get_logger("proxy.app")
 access_log = structlog.get_logger("proxy.access")
@@ -77,9 +78,14 @@ def create_app(
 ) -> web.Application:
     # Bodies up to replay_body_bytes are read whole (to replay them after a 401); the rest
     # stream and are limited by max_body_bytes in the forwarder.
+    # aiohttp's keep-alive timer runs from a connection's opening and from the end of each
+    # answer until the next request head is complete: it is the head timeout and the
+    # bound on idle keep-alive connections at once, so a slowloris holds a socket at most
+    # CBPROXY_HEAD_TIMEOUT. Set on the app, it holds for every runner that serves it.
     app = web.Application(
         middlewares=[request_middleware],
         client_max_size=max(settings.replay_body_bytes, 1024**2),
+        handler_args={"keepalive_timeout": settings.head_timeout},
     )
     app[SETTINGS] = settings
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
@@ -116,8 +122,12 @@ async def _runtime(
     metrics = metrics or Metrics()
     for secret in settings.secrets():
         register_secret(secret, configured=True)
-    connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # Guarded: a pooled connection never carries one caller's answer to another, and a
+    # request goes with the framing its caller gave it (see proxy/upstream.py).
+    connector = GuardedConnector(limit=200, keepalive_timeout=30)
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, request_class=VerbatimRequest
+    )
     # The limiter's script needs one slot per credential: keys carry the store's hash tag.
     redis = store.client if isinstance(store, RedisStore) else None
     limiter = Limiter(
@@ -249,6 +259,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except ProxyError as exc:
         response = _error_response(request, exc)
+        if isinstance(exc, BodyIncomplete):
+            await _answer_and_close(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:  # a redirect raised as an exception is an answer, not an error
             response = exc
@@ -266,6 +278,19 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         _access(request, response, asyncio.get_running_loop().time() - started)
         structlog.contextvars.unbind_contextvars("request_id")
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the answer now and close: a body that cannot end must not be waited for.
+
+    aiohttp would otherwise read the rest of the body for its lingering time (10 s) before
+    closing; aiohttp then finds the answer sent and the connection closing, and stops.
+    """
+    response.force_close()
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
 
 
 def _http_error(exc: web.HTTPException) -> ProxyError:

@@ -76,6 +76,9 @@ class Settings:
     wait_for_token: float = 10.0
     poll_interval: float = 10.0
     heartbeat_interval: float = 5.0
+    head_timeout: float = 15.0
+    max_response_header_bytes: int = 65_536
+    max_response_headers: int = 100
 
     def secrets(self) -> list[str]:
         """Every secret in the configuration, for the log redaction to know."""
@@ -199,6 +202,9 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "wait_for_token": _positive(float),
     "poll_interval": _bound,
     "heartbeat_interval": _bound,
+    "head_timeout": _bound,
+    "max_response_header_bytes": _positive(int, zero=False),
+    "max_response_headers": _positive(int, zero=False),
 }
 CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
     "client_id": str,

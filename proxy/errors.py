@@ -3,11 +3,14 @@
     ProxyError
     ├── BadRequest (400 bad_request)
     │   ├── ForbiddenTarget (400 forbidden_target)       SSRF attempts, odd paths
-    │   └── UnknownCredential (400 unknown_credential)
+    │   ├── UnknownCredential (400 unknown_credential)
+    │   ├── BodyIncomplete (400 body_incomplete)      body stalled or its framing broke
+    │   └── InvalidHeaderBytes (400 invalid_header_bytes)  header bytes that are not UTF-8
     ├── CredentialEndpointBlocked (403 credential_endpoint_blocked)
     ├── BodyTooLarge (413 body_too_large)
     ├── RateLimited (429 rate_limited)
     ├── UpstreamUnreachable (502 upstream_unreachable)
+    ├── UpstreamInvalidResponse (502 upstream_invalid_response)  unreadable or oversized head
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
@@ -17,6 +20,8 @@
     TokenEndpointError                                    not an HTTP error: refresh outcome
     ├── TokenRejected           4xx from the token endpoint: permanent, needs a human
     └── TokenEndpointUnavailable 5xx, timeout, bad answer: transient, retry with backoff
+        └── TokenEndpointUnrecognised  a 4xx without an OAuth error body: transient, but
+                                       backs off long and alerts
 
 Messages say what happened and what to do; they never contain a secret.
 """
@@ -48,6 +53,14 @@ class UnknownCredential(BadRequest):
     code = "unknown_credential"
 
 
+class BodyIncomplete(BadRequest):
+    code = "body_incomplete"
+
+
+class InvalidHeaderBytes(BadRequest):
+    code = "invalid_header_bytes"
+
+
 class CredentialEndpointBlocked(ProxyError):
     status, code = 403, "credential_endpoint_blocked"
 
@@ -62,6 +75,10 @@ class RateLimited(ProxyError):
 
 class UpstreamUnreachable(ProxyError):
     status, code = 502, "upstream_unreachable"
+
+
+class UpstreamInvalidResponse(ProxyError):
+    status, code = 502, "upstream_invalid_response"
 
 
 class NoUsableToken(ProxyError):
@@ -98,6 +115,11 @@ class TokenRejected(TokenEndpointError):
 
 class TokenEndpointUnavailable(TokenEndpointError):
     """A 5xx, a timeout, or an unreadable answer. Retry later."""
+
+
+class TokenEndpointUnrecognised(TokenEndpointUnavailable):
+    """A 4xx that is not an OAuth error (an HTML page, an empty body): most likely a load
+    balancer's or gateway's, not Cloudbeds' verdict on the refresh token."""
 
 
 class RecordUnreadable(StoreUnavailable):
