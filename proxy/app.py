@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import socket
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import endpoints
 from proxy.clock import Clock, system_clock
@@ -58,6 +60,25 @@ class Runtime:
     """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
 
+class _QuietParseErrors(logging.Filter):
+    """A request aiohttp cannot parse is the caller's mistake, not the proxy's.
+
+    aiohttp logs it at error level with a traceback that quotes the offending bytes (a
+    header line, which may hold a caller's token): one warning line is enough, and cheap
+    for anyone to cause, so it must not raise alerts either.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "request.unparsable", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_server_log = logging.getLogger("proxy.server")
+_server_log.addFilter(_QuietParseErrors())
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -85,7 +106,13 @@ def create_app(
     app = web.Application(
         middlewares=[request_middleware],
         client_max_size=max(settings.replay_body_bytes, 1024**2),
-        handler_args={"keepalive_timeout": settings.head_timeout},
+        # A body the proxy will not read (an error answered first) is drained before the
+        # close so the caller gets the answer, not a reset: for the same bound, not 10 s.
+        handler_args={
+            "keepalive_timeout": settings.head_timeout,
+            "lingering_time": settings.head_timeout,
+            "logger": _server_log,
+        },
     )
     app[SETTINGS] = settings
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)

@@ -447,3 +447,45 @@ async def test_latin1_bytes_in_an_answer_header_are_refused(start_proxy: Any) ->
         answer = await exchange(proxy, get("/api/v1.3/getHotels"))
     status, body, _ = proxy_error(answer)
     assert (status, body["error"]) == (502, "upstream_invalid_response")
+
+
+# Found by tests/test_fuzz_wire.py.
+
+
+async def test_an_unparsable_head_is_one_quiet_line_that_quotes_nothing(
+    start_proxy: Any, captured_logs: io.StringIO
+) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await until_eof(reader)
+
+    async with RawUpstream(behaviour) as upstream:
+        proxy = await start_proxy(settings(upstream.url))
+        answer = await exchange(
+            proxy, b"GET / HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer caller-secret\x00\r\n\r\n"
+        )
+    assert answer.startswith(b"HTTP/1.0 400")  # aiohttp's own answer: the README says so
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    (line,) = [line for line in lines if line["event"] == "request.unparsable"]
+    assert line["level"] == "warning"
+    assert "caller-secret" not in captured_logs.getvalue()
+    assert not [line for line in lines if line["level"] in ("error", "critical")]
+
+
+async def test_a_body_left_unread_after_an_error_is_drained_no_longer_than_the_head_timeout(
+    start_proxy: Any,
+) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await until_eof(reader)
+
+    async with RawUpstream(behaviour) as upstream:
+        proxy = await start_proxy(settings(upstream.url, CBPROXY_HEAD_TIMEOUT="1"))
+        async with caller(proxy) as (reader, writer):
+            # Refused before its body is read; the body never comes.
+            writer.write(
+                b"POST /api/v1.3/access_token HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\n"
+            )
+            await writer.drain()
+            async with asyncio.timeout(5):  # aiohttp's own drain would wait 10 s
+                answer = await reader.read()
+    status, body, _ = proxy_error(answer)
+    assert (status, body["error"]) == (403, "credential_endpoint_blocked")
