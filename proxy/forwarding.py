@@ -235,11 +235,12 @@ class Forwarder:
                 "retry later",
                 retry_after=5,
             ) from None
-        except aiohttp.ClientResponseError as exc:
+        except aiohttp.ClientResponseError:
             # What aiohttp's parser refused in the answer's head (too many headers, a line
-            # over 8 KiB, bytes that are not HTTP).
+            # over 8 KiB, bytes that are not HTTP). Its message quotes those bytes: not ours.
             raise UpstreamInvalidResponse(
-                f"Cloudbeds' answer could not be read (HTTP {exc.status}); retry later",
+                "Cloudbeds' answer head could not be read (malformed, or over the proxy's "
+                "header limits); retry later",
                 retry_after=5,
             ) from None
         except aiohttp.ClientError as exc:

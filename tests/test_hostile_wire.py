@@ -489,3 +489,27 @@ async def test_a_body_left_unread_after_an_error_is_drained_no_longer_than_the_h
                 answer = await reader.read()
     status, body, _ = proxy_error(answer)
     assert (status, body["error"]) == (403, "credential_endpoint_blocked")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+    ],
+)
+async def test_an_answer_head_that_is_not_http_is_502_invalid_response(
+    start_proxy: Any, head: bytes
+) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(head)
+        await writer.drain()
+        await until_eof(reader)
+
+    async with RawUpstream(behaviour) as upstream:
+        proxy = await start_proxy(settings(upstream.url))
+        answer = await exchange(proxy, get("/api/v1.3/getHotels"))
+    status, body, _ = proxy_error(answer)
+    assert (status, body["error"]) == (502, "upstream_invalid_response")
