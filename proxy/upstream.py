@@ -1,10 +1,11 @@
 """Connections to the upstream that never mix answers and never leave a body hanging.
 
 Rules:
-- A pooled connection answers exactly one request at a time, in order. Once the final
-  answer to the request in flight has ended, any byte before the next request is
-  unsolicited (a late or injected answer, a stray chunk terminator): the connection is
-  closed at once, so the pool can never hand it, and those bytes, to the next caller.
+- A pooled connection answers exactly one request at a time, in order. Before the first
+  request, and once the final answer to the request in flight has ended, any byte before
+  the next request is unsolicited (a late or injected answer, a stray chunk terminator):
+  the connection is closed at once, so the pool can never hand it, and those bytes, to
+  the next caller.
   aiohttp's client queues such bytes and gives them to whoever reuses the connection.
 - A second answer head for one request is unsolicited too: the connection is closed
   once the first answer has been read.
@@ -42,16 +43,17 @@ class GuardedResponseHandler(ResponseHandler):
         super().__init__(loop)
         self._answered = False
         """The final answer's head for the request in flight has arrived."""
-        self._complete = False
-        """...and its body has ended: from here until the next request, nothing may come."""
+        self._idle = True
+        """No request is waiting for an answer: before the first request, and from the end
+        of each final answer's body until the next request. Nothing may come now."""
 
     def set_response_params(self, **kwargs: Any) -> None:
         # Called once per request, before it is sent: a new exchange begins.
-        self._answered = self._complete = False
+        self._answered = self._idle = False
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
-        if data and self._complete:
+        if data and self._idle:
             self._refuse()
             return
         super().data_received(data)
@@ -70,12 +72,12 @@ class GuardedResponseHandler(ResponseHandler):
         payload = self._payload
         super().set_exception(exc, exc_cause)
         if payload is not None and not payload.is_eof() and payload.exception() is None:
-            set_exception(
-                payload, aiohttp.ClientPayloadError(f"answer body broken: {exc!r}"[:200]), exc
-            )
+            # The parser's message quotes the upstream's bytes; the class name is enough.
+            broken = aiohttp.ClientPayloadError(f"answer body broken ({type(exc).__name__})")
+            set_exception(payload, broken, exc)
 
     def _ended(self) -> None:
-        self._complete = True
+        self._idle = True
 
     def _refuse(self) -> None:
         self.force_close()

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from proxy.config import load_settings
+from proxy.upstream import GuardedResponseHandler
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 BOUND = 10.0  # seconds any single wait in these tests may take before the test fails
@@ -513,3 +515,17 @@ async def test_an_answer_head_that_is_not_http_is_502_invalid_response(
         answer = await exchange(proxy, get("/api/v1.3/getHotels"))
     status, body, _ = proxy_error(answer)
     assert (status, body["error"]) == (502, "upstream_invalid_response")
+
+
+async def test_bytes_before_the_first_request_close_the_connection() -> None:
+    # The window between connecting and sending the first request is too short to hit
+    # through the port; the protocol is checked directly, on a real socket pair.
+    loop = asyncio.get_running_loop()
+    server, client = socket.socketpair()
+    with server, client:
+        transport, protocol = await loop.create_connection(
+            lambda: GuardedResponseHandler(loop), sock=client
+        )
+        protocol.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED")
+        assert transport.is_closing() and not protocol.is_connected()
+        assert len(protocol) == 0  # nothing queued for whoever would have come next
