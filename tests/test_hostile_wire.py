@@ -128,7 +128,7 @@ def proxy_error(answer: bytes) -> tuple[int, dict[str, Any], bytes]:
 
 
 async def test_an_answer_injected_on_an_idle_connection_reaches_nobody(start_proxy: Any) -> None:
-    injected = asyncio.Event()
+    injected, dropped = asyncio.Event(), asyncio.Event()
     answered: list[bytes] = []
 
     async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -143,15 +143,19 @@ async def test_an_answer_injected_on_an_idle_connection_reaches_nobody(start_pro
                 # Another hotel's answer, sent while nobody asked (a late or stray answer).
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED")
                 await writer.drain()
+                await reader.read()  # until the proxy drops this connection
+                dropped.set()
+                return
 
     async with RawUpstream(behaviour) as upstream:
         proxy = await start_proxy(settings(upstream.url))
         first = await exchange(proxy, get("/api/v1.3/getHotels?propertyID=1"))
         assert first.endswith(b"\r\n\r\n/api/v1.3/getHotels?propertyID=1")
         injected.set()
-        # Give the stray bytes time to arrive at the idle pooled connection: the proxy
-        # then closes it; without the guard they would wait there for the next caller.
-        await asyncio.sleep(0.3)
+        # The proxy closes the idle connection that received the stray answer; without the
+        # guard it keeps it, and the answer, for the next caller (and this wait fails).
+        async with asyncio.timeout(BOUND):
+            await dropped.wait()
         second = await exchange(proxy, get("/api/v1.3/getHotels?propertyID=2"))
         third = await exchange(proxy, get("/api/v1.3/getHotels?propertyID=3"))
     assert second.endswith(b"\r\n\r\n/api/v1.3/getHotels?propertyID=2"), second
