@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import socket
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import admin, endpoints
 from proxy.callers import Callers
@@ -28,7 +30,7 @@ from proxy.coordinator import OAuthCredential
 from proxy.credentials import ApiKeyCredential, Credential
 from proxy.crypto import TokenCipher
 from proxy.delivery import Delivery
-from proxy.errors import ProxyError, StoreUnavailable
+from proxy.errors import BodyIncomplete, ProxyError, StoreUnavailable
 from proxy.forwarding import EXCHANGE, Exchange, Forwarder, error_body
 from proxy.headers import REQUEST_ID, check_target
 from proxy.logs import register_secret
@@ -38,6 +40,7 @@ from proxy.redis_store import RedisStore
 from proxy.registry import MakeCredential, Registry
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
+from proxy.upstream import GuardedConnector, VerbatimRequest
 
 log = structlog.get_logger("proxy.app")
 access_log = structlog.get_logger("proxy.access")
@@ -64,6 +67,25 @@ class Runtime:
     """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
 
+class _QuietParseErrors(logging.Filter):
+    """A request aiohttp cannot parse is the caller's mistake, not the proxy's.
+
+    aiohttp logs it at error level with a traceback that quotes the offending bytes (a
+    header line, which may hold a caller's token): one warning line is enough, and cheap
+    for anyone to cause, so it must not raise alerts either.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "request.unparsable", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_server_log = logging.getLogger("proxy.server")
+_server_log.addFilter(_QuietParseErrors())
 SETTINGS = web.AppKey("settings", Settings)
 RUNTIME = web.AppKey("runtime", Runtime)
 PUBLIC = web.AppKey("public", bool)
@@ -87,9 +109,20 @@ def create_app(
 ) -> web.Application:
     # Bodies up to replay_body_bytes are read whole (to replay them after a 401); the rest
     # stream and are limited by max_body_bytes in the forwarder.
+    # aiohttp's keep-alive timer runs from a connection's opening and from the end of each
+    # answer until the next request head is complete: it is the head timeout and the
+    # bound on idle keep-alive connections at once, so a slowloris holds a socket at most
+    # CBPROXY_HEAD_TIMEOUT. Set on the app, it holds for every runner that serves it.
     app = web.Application(
         middlewares=[request_middleware],
         client_max_size=max(settings.replay_body_bytes, 1024**2),
+        # A body the proxy will not read (an error answered first) is drained before the
+        # close so the caller gets the answer, not a reset: for the same bound, not 10 s.
+        handler_args={
+            "keepalive_timeout": settings.head_timeout,
+            "lingering_time": settings.head_timeout,
+            "logger": _server_log,
+        },
     )
     app[SETTINGS] = settings
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
@@ -158,8 +191,12 @@ async def _runtime(
     metrics = metrics or Metrics()
     for secret in settings.secrets():
         register_secret(secret, configured=True)
-    connector = aiohttp.TCPConnector(limit=200, keepalive_timeout=30)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    # Guarded: a pooled connection never carries one caller's answer to another, and a
+    # request goes with the framing its caller gave it (see proxy/upstream.py).
+    connector = GuardedConnector(limit=200, keepalive_timeout=30)
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, request_class=VerbatimRequest
+    )
     limiter = make_limiter(settings, store, metrics, clock)
     make = credential_factory(
         settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock
@@ -335,6 +372,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except ProxyError as exc:
         response = _error_response(request, exc)
+        if isinstance(exc, BodyIncomplete):
+            await _answer_and_close(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:  # a redirect raised as an exception is an answer, not an error
             response = exc
@@ -352,6 +391,19 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         _access(request, response, asyncio.get_running_loop().time() - started)
         structlog.contextvars.unbind_contextvars("request_id")
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send the answer now and close: a body that cannot end must not be waited for.
+
+    aiohttp would otherwise read the rest of the body for its lingering time (10 s) before
+    closing; aiohttp then finds the answer sent and the connection closing, and stops.
+    """
+    response.force_close()
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
 
 
 def _http_error(exc: web.HTTPException) -> ProxyError:

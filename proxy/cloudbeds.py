@@ -4,9 +4,13 @@
 header (Cloudbeds OpenAPI spec, `cloudbeds-pms-v1-3`). Grants: `refresh_token` and
 `authorization_code` (+ `redirect_uri`, `code`). Success is
 `{access_token, token_type, expires_in, refresh_token, resources: [{type, id}]}`.
-Any 4xx is permanent (the refresh token or client needs a human), except 408 and 429, which
-say "later" by definition; a 5xx, a timeout or an answer we cannot read (no access token,
-no positive, finite `expires_in`) is transient. `send_token_request` is the only I/O here.
+A 4xx with an OAuth error body (`{"error": "invalid_request", ...}`, what Cloudbeds answers
+a revoked refresh token) is permanent: the refresh token or client needs a human. A 4xx
+without one (an HTML page, an empty body: a load balancer's, not Cloudbeds' verdict) is
+`TokenEndpointUnrecognised`, transient with a long backoff and an alert; 408 and 429 say
+"later" by definition. A 5xx, a timeout or an answer we cannot read (no usable access
+token, an `expires_in` outside (0, one year], a malformed field) is transient. Every field
+is validated here, once. `send_token_request` is the only I/O here.
 """
 
 from __future__ import annotations
@@ -19,9 +23,18 @@ from typing import Any
 
 import aiohttp
 
-from proxy.errors import TokenEndpointUnavailable, TokenRejected
+from proxy.errors import (
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    TokenEndpointUnrecognised,
+    TokenRejected,
+)
 
 _TRANSIENT_4XX = frozenset({408, 429})
+_MAX_LIFETIME = 366 * 24 * 3600
+_MAX_TOKEN_CHARS = 4096
+_MAX_ID_CHARS = 64
+_MAX_RESOURCES = 10_000
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code")
 
 
@@ -101,57 +114,113 @@ def decode_token_response(
 ) -> TokenResponse:
     """Turn the endpoint's answer into a TokenResponse or raise a TokenEndpointError.
 
-    `secrets` (what the request sent) are masked in the error text, should Cloudbeds echo one.
+    Every field is checked here, once: what leaves is a token that fits in a header, a
+    lifetime in (0, one year], property ids that are short text. `secrets` (what the
+    request sent) are masked in the error text, should Cloudbeds echo one.
     """
     data = _json_object(body)
     if 400 <= status < 500 and status not in _TRANSIENT_4XX:
-        error = str(data.get("error", "unknown_error"))[:100]
-        description = str(data.get("error_description") or data.get("message") or "")[:200]
-        reason = f"{error}: {description}".rstrip(": ")
-        for secret in secrets:
-            if secret:
-                reason = reason.replace(secret, "[redacted]")
-        raise TokenRejected(reason, status=status)
+        raise _refusal(status, data, secrets)
     if status != 200:
         raise TokenEndpointUnavailable(f"token endpoint answered HTTP {status}", status=status)
-    access_token, expires_in = data.get("access_token"), data.get("expires_in")
-    if not isinstance(access_token, str) or not access_token:
-        raise TokenEndpointUnavailable("token endpoint answered 200 without an access_token")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
-        raise TokenEndpointUnavailable("token endpoint answered without a usable expires_in")
-    try:
-        lifetime = float(expires_in)
-    except ValueError:
-        raise TokenEndpointUnavailable("token endpoint answered a non-numeric expires_in") from None
-    if not math.isfinite(lifetime) or lifetime <= 0:
-        # A token that is born expired would be refreshed in a tight loop; never trust it.
-        raise TokenEndpointUnavailable("token endpoint answered a non-positive expires_in")
+    access_token = _token(data.get("access_token"))
+    if access_token is None:
+        raise TokenEndpointUnavailable("token endpoint answered 200 without a usable access_token")
+    token_type = data.get("token_type")
+    if token_type is not None and (
+        not isinstance(token_type, str) or token_type.lower() != "bearer"
+    ):
+        raise TokenEndpointUnavailable("token endpoint answered a token_type other than Bearer")
     refresh = data.get("refresh_token")
+    refresh_token = _token(refresh)
+    if refresh not in (None, "") and refresh_token is None:
+        raise TokenEndpointUnavailable("token endpoint answered an unusable refresh_token")
     return TokenResponse(
         access_token=access_token,
-        expires_in=lifetime,
-        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
+        expires_in=_lifetime(data.get("expires_in")),
+        refresh_token=refresh_token,
         properties=_resources(data.get("resources"), "property"),
         associations=_resources(data.get("resources"), "association"),
     )
 
 
+def _refusal(status: int, data: dict[str, Any], secrets: Iterable[str]) -> TokenEndpointError:
+    """A 4xx with an OAuth error body is Cloudbeds' verdict; one without is not."""
+    error = data.get("error")
+    if not isinstance(error, str) or not _printable(error):
+        # An HTML page or an empty body: a load balancer or gateway spoke, not the OAuth
+        # server. Locking the credential until a human acts would be worse than waiting.
+        return TokenEndpointUnrecognised(
+            f"token endpoint answered HTTP {status} without an OAuth error body", status=status
+        )
+    description = data.get("error_description") or data.get("message")
+    text = _printable(description) if isinstance(description, str) else ""
+    reason = f"{_printable(error)[:100]}: {text[:200]}".rstrip(": ")
+    for secret in secrets:
+        if secret:
+            reason = reason.replace(secret, "[redacted]")
+    return TokenRejected(reason, status=status)
+
+
+def _printable(text: str) -> str:
+    """The text with anything but printable characters dropped (it goes into log lines)."""
+    return "".join(c for c in text if c.isprintable()).strip()
+
+
+def _token(value: Any) -> str | None:
+    """A token as it may go into a header: visible ASCII, at most _MAX_TOKEN_CHARS."""
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_TOKEN_CHARS:
+        return None
+    return value if all("!" <= c <= "~" for c in value) else None
+
+
+def _lifetime(value: Any) -> float:
+    # An int is compared as an int: float() of a 400-digit one raises OverflowError.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TokenEndpointUnavailable("token endpoint answered without a usable expires_in")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise TokenEndpointUnavailable(
+                "token endpoint answered a non-numeric expires_in"
+            ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TokenEndpointUnavailable("token endpoint answered a non-finite expires_in")
+    if not 0 < value <= _MAX_LIFETIME:
+        # Born expired, it would be refreshed in a tight loop; beyond a year, it is not a
+        # lifetime Cloudbeds gives (an hour; eight reported) and would overflow clocks.
+        raise TokenEndpointUnavailable(
+            f"token endpoint answered an expires_in outside (0, {_MAX_LIFETIME}] seconds"
+        )
+    return float(value)
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _resources(resources: Any, kind: str) -> tuple[str, ...]:
-    if not isinstance(resources, list):
+    """Ids of the `resources` entries of `kind` (property or association), each checked."""
+    if resources is None:
         return ()
-    return tuple(
-        str(r["id"])
-        for r in resources
-        if isinstance(r, dict) and r.get("type") == kind and "id" in r
-    )
+    if not isinstance(resources, list) or len(resources) > _MAX_RESOURCES:
+        raise TokenEndpointUnavailable("token endpoint answered unusable resources")
+    ids = []
+    for resource in resources:
+        if not isinstance(resource, dict) or resource.get("type") != kind:
+            continue
+        ident = resource.get("id")
+        if isinstance(ident, int) and not isinstance(ident, bool) and ident >= 0:
+            ident = str(ident)
+        if not isinstance(ident, str) or _token(ident) is None or len(ident) > _MAX_ID_CHARS:
+            raise TokenEndpointUnavailable(f"token endpoint answered a {kind} without a usable id")
+        ids.append(ident)
+    return tuple(ids)
 
 
 async def send_token_request(

@@ -151,6 +151,9 @@ class Settings:
     public_port: int | None = None
     events_url: str | None = None
     events_secret: str | None = dataclasses.field(default=None, repr=False)
+    head_timeout: float = 15.0
+    max_response_header_bytes: int = 65_536
+    max_response_headers: int = 100
 
     def secrets(self) -> list[str]:
         """Every secret in the configuration, for the log redaction to know."""
@@ -288,6 +291,9 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "public_port": _port,
     "events_url": _url,
     "events_secret": str,
+    "head_timeout": _bound,
+    "max_response_header_bytes": _positive(int, zero=False),
+    "max_response_headers": _positive(int, zero=False),
 }
 CREDENTIAL_FIELDS: dict[str, Callable[[str], Any]] = {
     "client_id": str,

@@ -38,6 +38,7 @@ from proxy.errors import (
     ReauthorizationRequired,
     StoreUnavailable,
     TokenEndpointUnavailable,
+    TokenEndpointUnrecognised,
     TokenRejected,
 )
 from proxy.events import Event, EventType, new_event
@@ -48,6 +49,13 @@ from proxy.store import TokenStore
 from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
 
 log = structlog.get_logger("proxy.coordinator")
+
+
+def _long_backoff(policy: RefreshPolicy) -> RefreshPolicy:
+    """Backoff after a 4xx without an OAuth error body: from 30 s, up to 15 minutes."""
+    return dataclasses.replace(policy, backoff_base=30.0, backoff_cap=900.0)
+
+
 TokenGate = Callable[[str], Awaitable[object]]
 """Awaited before each token call (the rate limiter: refreshes share the request budget)."""
 
@@ -476,15 +484,22 @@ class OAuthCredential:
         return None
 
     def _transient_failure(self, exc: TokenEndpointUnavailable) -> None:
-        self._metrics.refreshes.labels(self._series, "transient").inc()
+        # A 4xx that is not an OAuth error (a load balancer's page) is not Cloudbeds'
+        # verdict, so the credential is not locked; but it is not a blip either: back off
+        # long and alert, so a human looks before the token runs out.
+        unrecognised = isinstance(exc, TokenEndpointUnrecognised)
+        outcome = "unrecognised_4xx" if unrecognised else "transient"
+        self._metrics.refreshes.labels(self._series, outcome).inc()
         self.last_error = exc.reason
-        delay = backoff(self._attempt, self._policy, random.random())  # noqa: S311
+        policy = _long_backoff(self._policy) if unrecognised else self._policy
+        delay = backoff(self._attempt, policy, random.random())  # noqa: S311
         self._attempt += 1
         self._retry_at = self._clock() + delay
-        log.warning(
-            "token.refresh.failed",
+        (log.error if unrecognised else log.warning)(
+            "token.refresh.unrecognised_answer" if unrecognised else "token.refresh.failed",
             credential=self.name,
             reason=exc.reason,
+            status=exc.status,
             retry_in=round(delay, 2),
             attempt=self._attempt,
         )

@@ -7,7 +7,9 @@
     │   ├── InvalidConnection (400 invalid_connection)   bad admin input
     │   ├── UnknownApp (400 unknown_app)
     │   ├── InvalidState (400 invalid_state)             an install state not issued here
-    │   └── AuthorizationFailed (400 authorization_failed)
+    │   ├── AuthorizationFailed (400 authorization_failed)
+    │   ├── BodyIncomplete (400 body_incomplete)      body stalled or its framing broke
+    │   └── InvalidHeaderBytes (400 invalid_header_bytes)  header bytes that are not UTF-8
     ├── CallerUnauthorized (401 caller_unauthorized)
     ├── AdminUnauthorized (401 admin_unauthorized)
     ├── CredentialEndpointBlocked (403 credential_endpoint_blocked)
@@ -21,6 +23,7 @@
     ├── BodyTooLarge (413 body_too_large)
     ├── RateLimited (429 rate_limited)
     ├── UpstreamUnreachable (502 upstream_unreachable)
+    ├── UpstreamInvalidResponse (502 upstream_invalid_response)  unreadable or oversized head
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
@@ -30,6 +33,8 @@
     TokenEndpointError                                    not an HTTP error: refresh outcome
     ├── TokenRejected           4xx from the token endpoint: permanent, needs a human
     └── TokenEndpointUnavailable 5xx, timeout, bad answer: transient, retry with backoff
+        └── TokenEndpointUnrecognised  a 4xx without an OAuth error body: transient, but
+                                       backs off long and alerts
 
 Messages say what happened and what to do; they never contain a secret.
 """
@@ -113,6 +118,14 @@ class ConnectionDisconnected(ProxyError):
     status, code = 410, "connection_disconnected"
 
 
+class BodyIncomplete(BadRequest):
+    code = "body_incomplete"
+
+
+class InvalidHeaderBytes(BadRequest):
+    code = "invalid_header_bytes"
+
+
 class CredentialEndpointBlocked(ProxyError):
     status, code = 403, "credential_endpoint_blocked"
 
@@ -127,6 +140,10 @@ class RateLimited(ProxyError):
 
 class UpstreamUnreachable(ProxyError):
     status, code = 502, "upstream_unreachable"
+
+
+class UpstreamInvalidResponse(ProxyError):
+    status, code = 502, "upstream_invalid_response"
 
 
 class NoUsableToken(ProxyError):
@@ -163,6 +180,11 @@ class TokenRejected(TokenEndpointError):
 
 class TokenEndpointUnavailable(TokenEndpointError):
     """A 5xx, a timeout, or an unreadable answer. Retry later."""
+
+
+class TokenEndpointUnrecognised(TokenEndpointUnavailable):
+    """A 4xx that is not an OAuth error (an HTML page, an empty body): most likely a load
+    balancer's or gateway's, not Cloudbeds' verdict on the refresh token."""
 
 
 class RecordUnreadable(StoreUnavailable):

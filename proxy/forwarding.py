@@ -7,10 +7,18 @@ replay takes its own slot of the rate budget, as every call to Cloudbeds does.
 aiohttp's client adds headers of its own unless told not to (`skip_auto_headers`) and
 decompresses unless told not to (`auto_decompress=False` on the session): the caller's
 bytes and Cloudbeds' bytes pass unchanged.
+
+Every wait has a bound: each read of the caller's body waits at most the read timeout
+(a stalled body, or one whose chunked framing broke, which aiohttp's C parser leaves
+waiting rather than failing, is a 400 `body_incomplete` and the upstream connection is
+closed), and each read of the answer the same (`sock_read`). An answer's head is checked
+against its budget before anything is relayed. A caller that leaves at any point, even
+before the answer's head could be sent, is `cut_short="caller"`, never a crash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -26,13 +34,17 @@ from proxy.config import Settings
 from proxy.credentials import Credential
 from proxy.errors import (
     BadRequest,
+    BodyIncomplete,
     BodyTooLarge,
+    InvalidHeaderBytes,
     ProxyError,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.headers import (
     REQUEST_ID,
+    check_answer_head,
     decode_raw,
     downstream_headers,
     upstream_headers,
@@ -66,19 +78,28 @@ _CHUNK = 64 * 1024
 
 
 class _BodyStream:
-    """The caller's body as an async iterator that stops at the size limit."""
+    """The caller's body as an async iterator that stops at the size limit.
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    Each read waits at most `read_timeout`: a body that stops coming, or whose chunked
+    framing broke (the C parser then neither ends nor fails it), is `BodyIncomplete`.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int, read_timeout: float) -> None:
         self.content, self.limit, self.seen = content, limit, 0
-        self.too_large = self.caller_gone = False
+        self.read_timeout = read_timeout
+        self.too_large = self.caller_gone = self.incomplete = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         chunks = self.content.iter_chunked(_CHUNK)
         while True:
             try:
-                chunk = await anext(chunks)
+                async with asyncio.timeout(self.read_timeout):
+                    chunk = await anext(chunks)
             except StopAsyncIteration:
                 return
+            except TimeoutError:
+                self.incomplete = True
+                raise BodyIncomplete(_incomplete(self.read_timeout)) from None
             except (ConnectionError, aiohttp.ClientPayloadError):
                 self.caller_gone = True
                 raise
@@ -87,6 +108,13 @@ class _BodyStream:
                 self.too_large = True
                 raise BodyTooLarge(_too_large(self.limit))
             yield chunk
+
+
+def _incomplete(timeout: float) -> str:
+    return (
+        f"the request body stopped for CBPROXY_READ_TIMEOUT ({timeout:g}s) before its end, "
+        "or its chunked framing is broken; send the whole body, correctly framed"
+    )
 
 
 def _too_large(limit: int) -> str:
@@ -145,9 +173,16 @@ class Forwarder:
             raise BodyTooLarge(_too_large(limit))
         if not request.body_exists:
             return None
+        stream = _BodyStream(request.content, limit, self._settings.read_timeout)
         if length is not None and length <= self._settings.replay_body_bytes:
-            return await request.read()
-        return _BodyStream(request.content, limit)
+            try:
+                return b"".join([chunk async for chunk in stream])
+            except (ConnectionError, aiohttp.ClientPayloadError):
+                request[EXCHANGE].cut_short = "caller"
+                raise BadRequest(
+                    "the request body ended before its end (the caller went away)"
+                ) from None
+        return stream
 
     async def _send(
         self,
@@ -159,6 +194,7 @@ class Forwarder:
         headers = upstream_headers(
             decode_raw(request.raw_headers), header, request[EXCHANGE].request_id
         )
+        settings = self._settings
         url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
         try:
@@ -170,6 +206,9 @@ class Forwarder:
                 allow_redirects=False,
                 skip_auto_headers=_SKIP_AUTO,
                 timeout=self._timeout,
+                # One more than the budget: a head just over it is refused by
+                # check_answer_head below with the same code as one far over it.
+                max_headers=settings.max_response_headers + 1,
             )
         except TimeoutError:
             raise UpstreamTimeout(
@@ -177,9 +216,19 @@ class Forwarder:
                 "retry later",
                 retry_after=5,
             ) from None
+        except aiohttp.ClientResponseError:
+            # What aiohttp's parser refused in the answer's head (too many headers, a line
+            # over 8 KiB, bytes that are not HTTP). Its message quotes those bytes: not ours.
+            raise UpstreamInvalidResponse(
+                "Cloudbeds' answer head could not be read (malformed, or over the proxy's "
+                "header limits); retry later",
+                retry_after=5,
+            ) from None
         except aiohttp.ClientError as exc:
             if isinstance(body, _BodyStream) and body.too_large:
                 raise BodyTooLarge(_too_large(body.limit)) from None
+            if isinstance(body, _BodyStream) and body.incomplete:
+                raise BodyIncomplete(_incomplete(body.read_timeout)) from None
             if isinstance(body, _BodyStream) and body.caller_gone:
                 request[EXCHANGE].cut_short = "caller"
                 raise BadRequest(
@@ -189,6 +238,15 @@ class Forwarder:
                 f"could not reach Cloudbeds ({type(exc).__name__}); retry later", retry_after=5
             ) from None
         self._metrics.upstream_latency.observe(time.perf_counter() - started)
+        try:
+            check_answer_head(
+                response.raw_headers,
+                settings.max_response_header_bytes,
+                settings.max_response_headers,
+            )
+        except UpstreamInvalidResponse:
+            response.close()  # the connection is not reused: its answer was not read
+            raise
         request[EXCHANGE].upstream_request_id = response.headers.get(REQUEST_ID)
         await self._honour_pause(credential.settings.budget, response)
         return response
@@ -232,11 +290,22 @@ class Forwarder:
         self, request: web.Request, upstream: aiohttp.ClientResponse, credential: str
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(downstream_headers(decode_raw(upstream.raw_headers)))
+        try:
+            answer_headers = decode_raw(upstream.raw_headers)
+        except InvalidHeaderBytes:
+            upstream.close()
+            raise UpstreamInvalidResponse(
+                "Cloudbeds answered a header whose bytes are not UTF-8, which the proxy "
+                "cannot pass unchanged; retry later"
+            ) from None
+        response.headers.extend(downstream_headers(answer_headers))
         exchange = request[EXCHANGE]
         if exchange.not_replayed:
             response.headers[NOT_REPLAYED] = "body-streamed"
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the caller left while Cloudbeds was answering
+            return self._cut(request, response, "caller")
         exchange.response_started = True
         chunks = upstream.content.iter_any()
         while True:
@@ -254,7 +323,10 @@ class Forwarder:
             except ConnectionError:  # the caller went away; nothing is wrong upstream
                 return self._cut(request, response, "caller")
             exchange.bytes_sent += len(chunk)
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            return self._cut(request, response, "caller")
         return response
 
     @staticmethod

@@ -15,6 +15,10 @@ Rules:
   `Expect` (the proxy already answered it; forwarded, the client would wait for a
   `100 Continue` that may never come) are dropped, and `X-Request-ID` carries the
   request's id: the caller's, or a new one when it sent none or an unusable one.
+- Header bytes pass unchanged or not at all: bytes that are not UTF-8 are refused (the
+  HTTP library underneath writes header text as UTF-8 and would re-encode them).
+- An upstream answer's head has a budget (a count and a total size; Cloudbeds sends a
+  few KiB): past it the answer is refused, not relayed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
-from proxy.errors import CredentialEndpointBlocked, ForbiddenTarget
+from proxy.errors import (
+    CredentialEndpointBlocked,
+    ForbiddenTarget,
+    InvalidHeaderBytes,
+    UpstreamInvalidResponse,
+)
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
@@ -108,15 +117,30 @@ def downstream_headers(raw: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return out
 
 
-def _text(value: bytes) -> str:
-    # aiohttp writes header text as UTF-8, so UTF-8 bytes survive the round trip;
-    # anything else is at least kept byte-shaped as latin-1.
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
 def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """aiohttp's raw headers as text, case and order kept, bytes unchanged on the way out."""
-    return [(_text(k), _text(v)) for k, v in raw]
+    """aiohttp's raw headers as text, case and order kept; refuses bytes that are not UTF-8.
+
+    aiohttp writes header text as UTF-8, so UTF-8 bytes go out as they came in; any other
+    byte (latin-1 `e9`) would go out re-encoded (`c3a9`), so it is refused instead.
+    """
+    try:
+        return [(k.decode("utf-8"), v.decode("utf-8")) for k, v in raw]
+    except UnicodeDecodeError:
+        raise InvalidHeaderBytes(
+            "a header holds bytes that are not UTF-8 (latin-1, say); the proxy passes "
+            "header bytes unchanged or not at all: send them as UTF-8 or percent-encoded"
+        ) from None
+
+
+def check_answer_head(raw: Iterable[tuple[bytes, bytes]], max_bytes: int, max_count: int) -> None:
+    """Raise unless the upstream answer's headers fit the budget (count and total size)."""
+    count = size = 0
+    for name, value in raw:
+        count += 1
+        size += len(name) + len(value) + 4  # ": " and CRLF, as on the wire
+    if count > max_count or size > max_bytes:
+        raise UpstreamInvalidResponse(
+            f"Cloudbeds answered {count} headers, {size} bytes: over the proxy's limit "
+            f"(CBPROXY_MAX_RESPONSE_HEADERS={max_count}, "
+            f"CBPROXY_MAX_RESPONSE_HEADER_BYTES={max_bytes}); retry later"
+        )

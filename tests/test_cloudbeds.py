@@ -15,7 +15,7 @@ from proxy.cloudbeds import (
     refresh_form,
     send_token_request,
 )
-from proxy.errors import TokenEndpointUnavailable, TokenRejected
+from proxy.errors import TokenEndpointUnavailable, TokenEndpointUnrecognised, TokenRejected
 from proxy.fake_cloudbeds import FakeCloudbeds
 from tests.support import free_port
 
@@ -105,7 +105,7 @@ def test_unusable_expires_in_is_transient_never_a_guess(expires_in: str) -> None
         (401, {"error": "server_error", "error_description": "Invalid code"}, "server_error"),
         (400, {"error": "invalid_grant", "error_description": "Bad token"}, "invalid_grant"),
         (401, {"error": "invalid_client"}, "invalid_client"),
-        (403, {}, "unknown_error"),
+        (400, {"error": "invalid_request", "message": "The refresh token is invalid."}, "invalid_"),
     ],
 )
 def test_4xx_is_rejected(status: int, payload: dict[str, Any], reason: str) -> None:
@@ -115,9 +115,15 @@ def test_4xx_is_rejected(status: int, payload: dict[str, Any], reason: str) -> N
     assert info.value.reason.startswith(reason)
 
 
-def test_4xx_that_is_not_json_is_still_rejected() -> None:
-    with pytest.raises(TokenRejected):
-        decode_token_response(400, b"<html>Bad Request</html>")
+@pytest.mark.parametrize(
+    "raw", [b"<html>Bad Request</html>", b"", b"{}", b'{"error": 5}', b'{"error": " "}', b"[]"]
+)
+def test_4xx_without_an_oauth_error_body_is_transient_and_unrecognised(raw: bytes) -> None:
+    # A load balancer's page is not Cloudbeds' verdict on the refresh token.
+    with pytest.raises(TokenEndpointUnrecognised) as info:
+        decode_token_response(400, raw)
+    assert isinstance(info.value, TokenEndpointUnavailable)
+    assert info.value.status == 400
 
 
 @pytest.mark.parametrize("status", [408, 429])
