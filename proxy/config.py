@@ -71,7 +71,8 @@ class CredentialSettings:
 
     @property
     def budget(self) -> str:
-        """The rate limiter's bucket: the app's (Cloudbeds counts per client id), or its own."""
+        """The rate limiter's bucket and the metrics' label: the app's (Cloudbeds counts per
+        client id), or the credential's own."""
         return f"app:{self.app}" if self.app else self.name
 
 

@@ -92,9 +92,9 @@ class OAuthCredential:
         self._unsaved_events: tuple[Event, ...] = ()
         self._unsaved_write = Write.REFRESH
         self.last_error: str | None = None
-        # Metric series: one per configured credential; a connection of an app counts under
-        # the app (series per connection would grow with the number of installs).
-        self._series = settings.name if settings.app is None else f"app:{settings.app}"
+        # Metric series are per budget: one per configured credential, and a connection of
+        # an app counts under the app (series per connection would grow with installs).
+        self._series = settings.budget
         if settings.app is None:
             metrics.token_expires_in.labels(self.name).set_function(self._seconds_left)
 

@@ -275,14 +275,14 @@ class Forwarder:
         if not renewed:
             return response
         if isinstance(body, _BodyStream):
-            self._metrics.replays.labels(credential.name, "not_replayed").inc()
+            self._metrics.replays.labels(credential.settings.budget, "not_replayed").inc()
             request[EXCHANGE].not_replayed = True
             return response
         response.release()
         # Cloudbeds counts the replay like any call (its limit is per client id), so it
         # takes a slot of the budget; refused, the caller gets the 429 and Retry-After.
         await self._limiter.admit(credential.settings.budget)
-        self._metrics.replays.labels(credential.name, "replayed").inc()
+        self._metrics.replays.labels(credential.settings.budget, "replayed").inc()
         log.info("request.replayed_after_401", credential=credential.name)
         return await self._send(request, credential, await credential.header(), body)
 
