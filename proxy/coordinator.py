@@ -44,7 +44,7 @@ from proxy.errors import (
 from proxy.events import Event, EventType, new_event
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
-from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
+from proxy.refresh import Action, RefreshPolicy, backoff, decide, force_at, refreshed
 from proxy.store import TokenStore
 from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
 
@@ -159,9 +159,32 @@ class OAuthCredential:
 
     async def rejected(self, header: tuple[str, str]) -> bool:
         record = self.record
-        if record and header == self._header and may_force(record, self._clock(), self._policy):
-            await self._single_flight(force_generation=record.generation)
+        if record is not None and header == self._header:
+            at = force_at(record, self._policy)
+            if at is not None and await self._until(at, record):
+                await self._single_flight(force_generation=record.generation)
         return self._header is not None and header != self._header and self._usable()
+
+    async def _until(self, at: float, record: TokenRecord) -> bool:
+        """Wait until `at` (the storm guard lifts), bounded by CBPROXY_WAIT_FOR_TOKEN.
+
+        False when `at` lies beyond the bound, or when another record arrived meanwhile:
+        the newer token is the answer then, no refresh is needed.
+        """
+        loop = asyncio.get_running_loop()
+        bound = self._proxy.wait_for_token
+        if at - self._clock() > bound:
+            return False
+        deadline = loop.time() + bound
+        while self._clock() < at:
+            remaining = deadline - loop.time()
+            if self.record is not record or remaining <= 0:
+                return False
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, at - self._clock(), 0.05)):
+                    await changed.wait()
+        return self.record is record
 
     def _usable(self) -> bool:
         return self.record is not None and self.record.usable(self._clock())

@@ -11,10 +11,12 @@ Rules (DESIGN.md, "The token lifecycle"):
 - After a transient failure, the next try waits a capped exponential backoff with jitter.
 - A forced refresh (after a 401) is allowed only while the rejected token is the current
   one and the last refresh is older than `min_forced_interval`: a storm of 401s makes one
-  refresh, never one per request. A token that a forced refresh produced is not forced
-  again before `forced_again_after`: a 401 that a new token did not cure is not about the
-  token's age (a property the token does not cover, a revoked app), and refreshing every
-  few seconds for it would be the refresh storm Cloudbeds suspends credentials for.
+  refresh, never one per request. A 401 that meets this guard waits (bounded) for the
+  moment it lifts, then the refresh it allows, then is replayed. A token that a forced
+  refresh produced is not forced again before `forced_again_after`: a 401 that a new token
+  did not cure is not about the token's age (a property the token does not cover, a
+  revoked app), and refreshing every few seconds for it would be the refresh storm
+  Cloudbeds suspends credentials for.
 """
 
 from __future__ import annotations
@@ -76,16 +78,28 @@ def decide(
     return Decision(Action.WAIT, at=due)
 
 
-def may_force(record: TokenRecord | None, now: float, policy: RefreshPolicy) -> bool:
-    """After a 401 to `record`'s token: refresh unless it is blocked or too new."""
+def force_at(record: TokenRecord | None, policy: RefreshPolicy) -> float | None:
+    """After a 401 to `record`'s token: when a forced refresh is allowed, or None if never.
+
+    Never for a record that cannot refresh, or for a token a forced refresh produced
+    within `forced_again_after` (its 401 is not about its age). Otherwise once the last
+    refresh is `min_forced_interval` old: a 401 storm makes one refresh, and a request
+    that meets the guard waits for that moment rather than getting the 401.
+    """
     if record is None or record.refresh_token is None:
-        return False
+        return None
     if record.state is not State.OK or record.kind is Kind.API_KEY:
-        return False
-    age = now - (record.refreshed_at or 0.0)
-    if record.forced and age < policy.forced_again_after:
-        return False
-    return age >= policy.min_forced_interval
+        return None
+    refreshed_at = record.refreshed_at or 0.0
+    if record.forced:
+        return refreshed_at + policy.forced_again_after
+    return refreshed_at + policy.min_forced_interval
+
+
+def may_force(record: TokenRecord | None, now: float, policy: RefreshPolicy) -> bool:
+    """After a 401 to `record`'s token: refresh now unless it is blocked or too new."""
+    at = force_at(record, policy)
+    return at is not None and now >= at
 
 
 def backoff(attempt: int, policy: RefreshPolicy, jitter: float) -> float:

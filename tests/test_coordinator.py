@@ -515,3 +515,28 @@ async def test_an_authorisation_wins_over_a_refresh_written_meanwhile(harness: A
     assert stored is not None
     assert stored.access_token == response.access_token
     assert installed.generation == stored.generation == before.generation + 2
+
+
+async def test_a_401_inside_the_storm_guard_waits_for_the_refresh_it_allows(harness: Any) -> None:
+    """A token refreshed 1 s ago and revoked: the request waits for the guard, then replays."""
+    h = await harness(CBPROXY_WAIT_FOR_TOKEN="10")
+    credential = await h.started()
+    current = await credential.header()
+    h.clock.advance(1)  # the seed refresh was 1 s ago: inside min_forced_interval
+    h.fake.revoke_all()
+    waiting = asyncio.ensure_future(credential.rejected(current))
+    await settle()
+    assert not waiting.done()
+    assert h.calls == 1  # the guard holds: no refresh yet
+    h.clock.advance(5)
+    assert await asyncio.wait_for(waiting, 5)
+    assert h.calls == 2
+    assert await credential.header() != current
+    # Past the bound (the guard lifts later than CBPROXY_WAIT_FOR_TOKEN): the 401 at once.
+    short = await harness(CBPROXY_WAIT_FOR_TOKEN="2")
+    other = await short.started()
+    token = await other.header()
+    short.clock.advance(1)
+    short.fake.revoke_all()
+    assert not await other.rejected(token)
+    assert short.calls == 1

@@ -114,3 +114,27 @@ async def test_a_401_that_a_new_token_does_not_cure_causes_no_refresh_storm(
         state.revoke_all()
         assert await status() == 200
         assert state.token_calls["refresh_token"] == 3
+
+
+async def test_a_401_right_after_a_refresh_waits_for_the_guard_and_is_replayed(
+    clocked: Clocked, start_proxy: Any
+) -> None:
+    """Whether a revoked token is recovered must not depend on whether it is 4.9 or 5.1 s old."""
+    clock, state, url = clocked
+    proxy = await start_proxy(settings_for(url), clock=clock)
+    clock.advance(1)  # the token is 1 s old: inside the guard between forced refreshes
+    state.revoke_all()
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(session.get(f"{proxy}/api/v1.3/getHotels"))
+        for _ in range(200):  # until the first answer, a 401, has reached the proxy
+            if state.rejected_calls:
+                break
+            await asyncio.sleep(0.01)
+        assert state.rejected_calls == 1
+        assert state.token_calls["refresh_token"] == 1  # the guard holds meanwhile
+        clock.advance(5)
+        response = await asyncio.wait_for(pending, 10)
+        assert response.status == 200
+        response.release()
+    assert state.token_calls["refresh_token"] == 2
+    assert state.rejected_calls == 1
