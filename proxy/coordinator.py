@@ -36,6 +36,7 @@ from proxy.errors import (
     NoUsableToken,
     ProxyError,
     ReauthorizationRequired,
+    RecordUnreadable,
     StoreUnavailable,
     TokenEndpointUnavailable,
     TokenEndpointUnrecognised,
@@ -91,6 +92,8 @@ class OAuthCredential:
         self._unsaved: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
         self._unsaved_write = Write.REFRESH
+        self.unreadable: str | None = None
+        """Why the stored record cannot be read (wrong key, corruption), while it cannot."""
         self.last_error: str | None = None
         # Metric series are per budget: one per configured credential, and a connection of
         # an app counts under the app (series per connection would grow with installs).
@@ -108,6 +111,8 @@ class OAuthCredential:
         )
 
     async def header(self) -> tuple[str, str]:
+        if self.unreadable is not None:
+            raise RecordUnreadable(self.unreadable)
         record, header = self.record, self._header
         if header is not None and record is not None and self._clock() < record.expires_at:
             return header
@@ -220,9 +225,23 @@ class OAuthCredential:
         """Re-read the store; write back a record the store missed while it was down."""
         if self._unsaved is not None:
             await self._save(self._unsaved, write=self._unsaved_write, events=self._unsaved_events)
-        stored = await self._store.load(self.name)
+        try:
+            stored = await self._store.load(self.name)
+        except RecordUnreadable as exc:
+            self._unreadable_record(exc)
+            return
+        if self.unreadable is not None:
+            log.info("store.record_readable", credential=self.name)
+            self.unreadable = None
         if stored is not None:
             self.adopt(stored)
+
+    def _unreadable_record(self, exc: RecordUnreadable) -> None:
+        """Stop using the connection: no token call and no write until its record reads."""
+        if self.unreadable is None:
+            log.error("store.record_unreadable", credential=self.name, reason=exc.message)
+        self.unreadable = exc.message
+        self._changed.set()
 
     @property
     def unsaved(self) -> bool:
@@ -241,6 +260,9 @@ class OAuthCredential:
         except StoreUnavailable as exc:
             log.warning("store.unavailable.at_start", credential=self.name, error=exc.message)
             stored = None
+        except RecordUnreadable as exc:
+            self._unreadable_record(exc)
+            return
         seed = self.settings.refresh_token
         if stored is not None:
             self.adopt(stored)
@@ -295,9 +317,14 @@ class OAuthCredential:
         instead, the record stays unsaved and the poll writes it again: a grant is never
         dropped because the store went away between the two calls.
         """
+        if self.unreadable is not None:
+            return  # the record that is there may be the only copy of a grant: never over it
         try:
             written = await self._store.put(self.name, record, events=events)
             stored = None if written else await self._store.load(self.name)
+        except RecordUnreadable as exc:
+            self._unreadable_record(exc)
+            return
         except StoreUnavailable:
             self._metrics.redis_errors.labels("put").inc()
             self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
@@ -409,6 +436,8 @@ class OAuthCredential:
         if reread:
             with contextlib.suppress(StoreUnavailable):
                 await self.reload()
+        if self.unreadable is not None:
+            return
         record, now = self.record, self._clock()
         if record is None or record.refresh_token is None:
             return
@@ -500,7 +529,7 @@ class OAuthCredential:
         current = self.record
         if current is not None and current.generation > record.generation:
             return current
-        with contextlib.suppress(StoreUnavailable):
+        with contextlib.suppress(StoreUnavailable, RecordUnreadable):
             stored = await self._store.load(self.name)
             if stored is not None and stored.generation > record.generation:
                 return stored
@@ -534,6 +563,8 @@ class OAuthCredential:
 
     def ready(self) -> tuple[bool, str]:
         record = self.record
+        if self.unreadable is not None:
+            return False, f"store_unreadable: {self.unreadable}"
         if record is None or record.refresh_token is None:
             return False, "not authorised"
         if record.state is not State.OK:
@@ -546,7 +577,9 @@ class OAuthCredential:
         record, now = self.record, self._clock()
         return {
             "kind": Kind.OAUTH.value,
-            "state": record.state.value if record else "not_authorized",
+            "state": "store_unreadable"
+            if self.unreadable
+            else (record.state.value if record else "not_authorized"),
             "generation": record.generation if record else None,
             "expires_at": record.expires_at if record and record.access_token else None,
             "expires_in": round(record.seconds_left(now), 1) if record else None,

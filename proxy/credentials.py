@@ -11,13 +11,16 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import structlog
+
 from proxy.config import CredentialSettings
-from proxy.errors import ConnectionDisconnected, NoUsableToken, StoreUnavailable
+from proxy.errors import ConnectionDisconnected, NoUsableToken, RecordUnreadable, StoreUnavailable
 from proxy.events import Event
 from proxy.logs import register_secret
 from proxy.store import TokenStore
 from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve
 
+log = structlog.get_logger("proxy.credentials")
 Listener = Callable[[str, tuple[str, ...]], None]
 """Told (connection id, properties) whenever a credential adopts a record."""
 
@@ -72,6 +75,7 @@ class ApiKeyCredential:
         self.record: TokenRecord | None = None
         self.listener: Listener | None = None
         self._unsaved: tuple[TokenRecord, tuple[Event, ...]] | None = None
+        self.unreadable: str | None = None
         if settings.api_key is not None:
             self.record = TokenRecord(
                 settings.api_key, 0.0, None, 0, kind=Kind.API_KEY, properties=settings.properties
@@ -83,6 +87,8 @@ class ApiKeyCredential:
 
     async def header(self) -> tuple[str, str]:
         record = self.record
+        if self.unreadable is not None:
+            raise RecordUnreadable(self.unreadable)
         if record is not None and record.state is State.DISCONNECTED:
             raise ConnectionDisconnected(
                 f"connection {self.name!r} was disconnected; the property must install the "
@@ -117,17 +123,26 @@ class ApiKeyCredential:
 
     def ready(self) -> tuple[bool, str]:
         record = self.record
+        if self.unreadable is not None:
+            return False, f"store_unreadable: {self.unreadable}"
         if record is None or record.state is not State.OK:
             return False, record.state.value if record else "no API key stored"
         return True, "api key"
 
     def status(self) -> dict[str, Any]:
         state = self.record.state.value if self.record else "not_authorized"
+        if self.unreadable is not None:
+            state = "store_unreadable"
         return {"kind": Kind.API_KEY.value, "state": state}
 
     async def start(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.reload()
+
+    def _load_failed(self, exc: RecordUnreadable) -> None:
+        if self.unreadable is None:
+            log.error("store.record_unreadable", credential=self.name, reason=exc.message)
+        self.unreadable = exc.message
 
     async def run(self) -> None:
         await asyncio.Event().wait()
@@ -135,7 +150,7 @@ class ApiKeyCredential:
     async def reload(self) -> None:
         if self.settings.api_key is not None:
             return
-        if self._unsaved is not None:
+        if self.unreadable is None and self._unsaved is not None:
             # A key Cloudbeds issued while the store was down: it exists nowhere else, and
             # an authorisation wins over whatever was written meanwhile.
             record, events = self._unsaved
@@ -147,7 +162,12 @@ class ApiKeyCredential:
                     rebased = dataclasses.replace(record, generation=stored.generation + 1)
                     await self._store.put(self.name, rebased, events=events)
             self._unsaved = None
-        stored = await self._store.load(self.name)
+        try:
+            stored = await self._store.load(self.name)
+        except RecordUnreadable as exc:
+            self._load_failed(exc)
+            return
+        self.unreadable = None
         if stored is not None:
             self.adopt(stored)
 

@@ -27,7 +27,7 @@
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
-    │   └── RecordUnreadable (503 record_unreadable)  wrong encryption key, corruption
+    ├── RecordUnreadable (503 record_unreadable)      wrong encryption key, corruption
     └── UpstreamTimeout (504 upstream_timeout)
 
     TokenEndpointError                                    not an HTTP error: refresh outcome
@@ -187,7 +187,14 @@ class TokenEndpointUnrecognised(TokenEndpointUnavailable):
     balancer's or gateway's, not Cloudbeds' verdict on the refresh token."""
 
 
-class RecordUnreadable(StoreUnavailable):
-    """A stored record that cannot be decrypted or parsed (wrong key, corruption)."""
+class RecordUnreadable(ProxyError):
+    """A stored record that cannot be decrypted or parsed (wrong key, corruption).
 
-    code = "record_unreadable"
+    Not a kind of `StoreUnavailable`: the store answers, and what it holds is a
+    configuration error, not an outage. Taken for an outage, a replica would re-seed,
+    refresh on its own and overwrite the record: a forked token lineage. The connection
+    is left alone (no token call, no write) until the record reads again.
+    """
+
+    status, code = 503, "record_unreadable"
+    retry_after = 60.0

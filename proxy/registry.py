@@ -79,7 +79,7 @@ class Registry:
         for credential in self.connections.values():
             app = credential.settings.app
             if app is not None:
-                state = credential.record.state.value if credential.record else "not_authorized"
+                state = credential.status()["state"]
                 counts[app, state] = counts.get((app, state), 0) + 1
         return counts
 
@@ -121,7 +121,12 @@ class Registry:
         if credential is not None:
             await credential.reload()
             return
-        record = await self._store.load(name)
+        try:
+            record = await self._store.load(name)
+        except RecordUnreadable as exc:
+            # The reason says which record and why; a traceback would add nothing.
+            log.error("store.record_unreadable", credential=name, reason=exc.message)  # noqa: TRY400
+            return
         if record is not None:
             await self.apply(name, record)
 
