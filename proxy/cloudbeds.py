@@ -218,7 +218,9 @@ def _resources(resources: Any, kind: str) -> tuple[str, ...]:
         if isinstance(ident, int) and not isinstance(ident, bool) and ident >= 0:
             ident = str(ident)
         if not isinstance(ident, str) or _token(ident) is None or len(ident) > _MAX_ID_CHARS:
-            raise TokenEndpointUnavailable(f"token endpoint answered a {kind} without a usable id")
+            raise TokenEndpointUnavailable(
+                f"token endpoint answered a resource ({kind}) without a usable id"
+            )
         ids.append(ident)
     return tuple(ids)
 

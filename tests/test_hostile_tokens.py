@@ -68,14 +68,24 @@ def test_valid_fields_pass_in_their_full_range() -> None:
             resources=[
                 {"type": "property", "id": 1001},
                 {"type": "property", "id": "1002"},
-                {"type": "association", "id": {"any": "shape"}},
+                {"type": "association", "id": 77},
                 "not a resource",
             ],
         ),
     )
     assert response.expires_in == 366 * 24 * 3600
     assert response.properties == ("1001", "1002")
+    assert response.associations == ("77",)
     assert response.refresh_token == "r" * 4096
+
+
+def test_a_group_without_a_usable_id_is_refused() -> None:
+    """A group's id names its connection: one that cannot be an id is no usable answer."""
+    bad = answer(resources=[{"type": "association", "id": {"any": "shape"}}])
+    with pytest.raises(
+        TokenEndpointUnavailable, match=r"resource \(association\) without a usable id"
+    ):
+        decode_token_response(200, bad)
 
 
 def test_a_4xx_error_text_is_cut_to_printable_characters() -> None:
