@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from proxy.config import CONNECTION_ID
 from proxy.errors import AdminDisabled, AdminUnauthorized, InvalidConnection, RecordUnreadable
+from proxy.runtime import RUNTIME, Runtime
 from proxy.store import TokenStore
 from proxy.tokens import State, TokenRecord
-
-if TYPE_CHECKING:
-    from proxy.app import Runtime
 
 MAX_LIMIT = 500
 PREFIX = "/_proxy/admin/connections"
 
 
 def _runtime(request: web.Request) -> Runtime:
-    from proxy.app import RUNTIME  # noqa: PLC0415 - app imports this module
 
     runtime = request.app[RUNTIME]
     token = runtime.settings.admin_token

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -38,6 +37,7 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
 from proxy.registry import MakeCredential, Registry
+from proxy.runtime import RUNTIME, Runtime
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
 from proxy.upstream import GuardedConnector, VerbatimRequest
@@ -46,25 +46,6 @@ log = structlog.get_logger("proxy.app")
 access_log = structlog.get_logger("proxy.access")
 PROXY_ERROR_HEADER = "X-Cloudbeds-Proxy-Error"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclasses.dataclass
-class Runtime:
-    """What the running app holds; built at start-up, closed at cleanup."""
-
-    settings: Settings
-    store: TokenStore
-    metrics: Metrics
-    clock: Clock
-    session: aiohttp.ClientSession
-    registry: Registry
-    limiter: Limiter
-    forwarder: Forwarder
-    connections: Connections
-    delivery: Delivery | None = None
-    """Set when CBPROXY_EVENTS_URL is: the task that POSTs connection events."""
-    stop_deadline: float | None = None
-    """Loop time by which shutdown should be done: set on shutdown, from the grace period."""
 
 
 class _QuietParseErrors(logging.Filter):
@@ -87,7 +68,6 @@ class _QuietParseErrors(logging.Filter):
 _server_log = logging.getLogger("proxy.server")
 _server_log.addFilter(_QuietParseErrors())
 SETTINGS = web.AppKey("settings", Settings)
-RUNTIME = web.AppKey("runtime", Runtime)
 PUBLIC = web.AppKey("public", bool)
 """Set on the internet-facing app, which forwards nothing (so checks no forward target)."""
 

@@ -17,7 +17,7 @@ import hmac
 import html
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -34,14 +34,11 @@ from proxy.errors import (
     StoreUnavailable,
     TokenEndpointError,
 )
+from proxy.runtime import RUNTIME, Runtime
 from proxy.tokens import TokenRecord
-
-if TYPE_CHECKING:
-    from proxy.app import Runtime
 
 
 def _runtime(request: web.Request) -> Runtime:
-    from proxy.app import RUNTIME  # noqa: PLC0415 - app imports this module
 
     return request.app[RUNTIME]
 
