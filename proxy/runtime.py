@@ -39,3 +39,5 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+PUBLIC = web.AppKey("public", bool)
+"""Set on the internet-facing app, which forwards nothing (so checks no forward target)."""
