@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import structlog
@@ -70,13 +70,7 @@ def create_app(
     app = web.Application(
         middlewares=[request_middleware],
         client_max_size=max(settings.replay_body_bytes, 1024**2),
-        # A body the proxy will not read (an error answered first) is drained before the
-        # close so the caller gets the answer, not a reset: for the same bound, not 10 s.
-        handler_args={
-            "keepalive_timeout": settings.head_timeout,
-            "lingering_time": settings.head_timeout,
-            "logger": server_log,
-        },
+        handler_args=_handler_args(settings),
     )
     app[SETTINGS] = settings
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
@@ -129,9 +123,21 @@ def _add_install_routes(router: web.UrlDispatcher) -> None:
     router.add_route("GET", "/_proxy/apps/{app}/callback", endpoints.app_callback)
 
 
+def _handler_args(settings: Settings) -> dict[str, Any]:
+    """Server limits for both listeners: a request head (and an idle keep-alive) gets
+    CBPROXY_HEAD_TIMEOUT; a body the proxy will not read (an error answered first) is
+    drained before the close for the same bound, so the caller gets the answer, not a
+    reset; parse errors are quiet warnings."""
+    return {
+        "keepalive_timeout": settings.head_timeout,
+        "lingering_time": settings.head_timeout,
+        "logger": server_log,
+    }
+
+
 def _public_app(settings: Settings) -> web.Application:
     """The internet-facing listener: installs and callbacks, and 404 for everything else."""
-    public = web.Application(middlewares=[request_middleware])
+    public = web.Application(middlewares=[request_middleware], handler_args=_handler_args(settings))
     public[SETTINGS], public[PUBLIC] = settings, True
     _add_install_routes(public.router)
     public.router.add_route("*", "/{tail:(?s:.*)}", endpoints.not_found)
@@ -248,9 +254,7 @@ def credential_factory(
             clock=clock,
             # A refresh counts against the budget but must not lose to a flood of
             # requests: it may wait for its slot as long as its lock outlives the call.
-            gate=functools.partial(
-                limiter.admit, max_wait=settings.lock_ttl - settings.token_timeout
-            ),
+            gate=lambda budget, wait: limiter.admit(budget, max_wait=wait),
         )
 
     return make
@@ -292,6 +296,8 @@ async def _poll(runtime: Runtime) -> None:
                 log.warning("store.unavailable", action="serving tokens from memory")
             runtime.metrics.redis_errors.labels("poll").inc()
             store_ok = False
+        except Exception:  # a bug must not end the write-backs for good
+            log.exception("store.poll.crashed")
         else:
             if not store_ok:
                 log.info("store.available")

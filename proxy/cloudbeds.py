@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,7 +34,8 @@ from proxy.errors import (
 _TRANSIENT_4XX = frozenset({408, 429})
 _MAX_LIFETIME = 366 * 24 * 3600
 _MAX_TOKEN_CHARS = 4096
-_MAX_ID_CHARS = 64
+_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A property or group id: it becomes part of a connection id, a key and a URL path."""
 _MAX_RESOURCES = 10_000
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code")
 
@@ -93,9 +95,9 @@ def decode_api_key_response(status: int, body: bytes, *, secrets: Iterable[str] 
     """The `cbat_` key of an API-key grant (`{"access_token": "cbat_..."}`), or the error."""
     if status != 200:
         decode_token_response(status, body, secrets=secrets)  # raises the right error
-    key = _json_object(body).get("access_token")
-    if not isinstance(key, str) or not key:
-        raise TokenEndpointUnavailable("token endpoint answered 200 without an API key")
+    key = _token(_json_object(body).get("access_token"))
+    if key is None:
+        raise TokenEndpointUnavailable("token endpoint answered 200 without a usable API key")
     return key
 
 
@@ -217,7 +219,7 @@ def _resources(resources: Any, kind: str) -> tuple[str, ...]:
         ident = resource.get("id")
         if isinstance(ident, int) and not isinstance(ident, bool) and ident >= 0:
             ident = str(ident)
-        if not isinstance(ident, str) or _token(ident) is None or len(ident) > _MAX_ID_CHARS:
+        if not isinstance(ident, str) or not _ID.fullmatch(ident):
             raise TokenEndpointUnavailable(
                 f"token endpoint answered a resource ({kind}) without a usable id"
             )

@@ -24,7 +24,9 @@ properties"):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,7 +58,10 @@ from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve
 log = structlog.get_logger("proxy.connections")
 Build = Callable[[TokenRecord | None], tuple[TokenRecord, EventType | None]]
 _ATTEMPTS = 3
+_HOTELS_ATTEMPTS = 3
 _PROPERTY_ID = CONNECTION_ID
+_SECRET = re.compile(r"[\x21-\x7e]{1,4096}")
+"""A credential as it may go into a header: visible ASCII (no space, no line break)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +152,21 @@ class Connections:
         """Exchange a code from Cloudbeds and create or replace its connection."""
         grant = await self._exchange(app, code)
         if grant.association is not None or not grant.properties:
-            grant = dataclasses.replace(grant, properties=await self._hotels(app, grant))
+            # A group's properties come from getHotels; should it fail, the answer's own.
+            found = await self._hotels(app, grant)
+            grant = dataclasses.replace(grant, properties=found or grant.properties)
         if not grant.properties and grant.association is None:
+            log.error("connection.install.unnamed", app=app.name, action="install again")
             raise AuthorizationFailed(
-                "Cloudbeds granted access but named no property, and getHotels listed none; "
-                "install the app again from the property's Cloudbeds account"
+                "Cloudbeds granted access but named no property, and getHotels could not say "
+                "which: install the app again from the property's Cloudbeds account"
             )
         name = connection_id(app.name, grant)
+        if self._settings.credential(name) is not None:
+            raise InvalidConnection(
+                f"{name!r} is a credential of the configuration: rename it there; an install "
+                "cannot replace it"
+            )
         happened: list[EventType] = []
 
         def build(stored: TokenRecord | None) -> tuple[TokenRecord, EventType]:
@@ -194,22 +207,32 @@ class Connections:
         )
 
     async def _hotels(self, app: AppSettings, grant: Grant) -> tuple[str, ...]:
-        """The properties a new credential covers, from `getHotels` made with it."""
-        await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.token_timeout)
+        """The properties a new credential covers, from `getHotels` made with it.
+
+        The code is spent by now, so a slow or failing answer is tried again (bounded),
+        and the call may wait for its slot as long as a token call would.
+        """
         header = (
             ("x-api-key", grant.access_token)
             if grant.kind is Kind.API_KEY
             else ("Authorization", f"Bearer {grant.access_token}")
         )
         url = f"{self._settings.upstream_url}/api/v1.3/getHotels"
-        try:
-            status, body = await cloudbeds.call(
-                self._session, "GET", url, timeout=self._settings.token_timeout, header=header
-            )
-        except TokenEndpointError as exc:
-            log.warning("connection.hotels.failed", app=app.name, reason=exc.reason)
-            return ()
-        return tuple(p for p in cloudbeds.hotel_ids(status, body) if _PROPERTY_ID.fullmatch(p))
+        for attempt in range(_HOTELS_ATTEMPTS):
+            await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.lock_ttl)
+            try:
+                status, body = await cloudbeds.call(
+                    self._session, "GET", url, timeout=self._settings.token_timeout, header=header
+                )
+            except TokenEndpointError as exc:
+                log.warning("connection.hotels.failed", app=app.name, reason=exc.reason)
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            ids = tuple(p for p in cloudbeds.hotel_ids(status, body) if _PROPERTY_ID.fullmatch(p))
+            if ids or status < 500:
+                return ids
+            log.warning("connection.hotels.failed", app=app.name, reason=f"HTTP {status}")
+        return ()
 
     # -- writes -------------------------------------------------------------------------
 
@@ -238,7 +261,12 @@ class Connections:
                     self._on_events()
                 await self._registry.apply(name, record)
                 return record
-            now_stored = await self._store.load(name)
+            try:
+                now_stored = await self._store.load(name)
+            except StoreUnavailable:
+                if write is not Write.AUTHORIZATION:
+                    raise
+                return await self._keep(name, record, events)
             if now_stored is not None and resolve(record, now_stored, write) is Outcome.ADOPT:
                 return now_stored
         raise StoreUnavailable(
@@ -302,8 +330,10 @@ class Connections:
         if (refresh is None) == (key is None):
             raise InvalidConnection('give exactly one of "refresh_token" and "api_key"')
         secret = refresh if refresh is not None else key
-        if not isinstance(secret, str) or not secret.strip() or len(secret) > 4096:
-            raise InvalidConnection("the refresh token or API key must be a non-empty string")
+        if not isinstance(secret, str) or not _SECRET.fullmatch(secret):
+            raise InvalidConnection(
+                "the refresh token or API key must be 1 to 4096 visible ASCII characters"
+            )
         if key is not None and not key.startswith("cbat_"):
             raise InvalidConnection('"api_key": a Cloudbeds API key starts with cbat_')
         props = body.get("properties", [])
@@ -340,6 +370,11 @@ class Connections:
         return await self.write(name, build, Write.CHANGE)
 
     async def delete(self, name: str) -> TokenRecord:
+        if self._settings.credential(name) is not None:
+            raise InvalidConnection(
+                f"{name!r} is a credential of the configuration; remove it there (a delete here "
+                "would outlive a new CBPROXY_REFRESH_TOKEN)"
+            )
         record = await self.get(name)
         app = self._settings.app(record.app) if record.app else None
         if app is not None and app.post_app_state_on_delete and record.usable(self._clock()):
@@ -423,6 +458,8 @@ class Connections:
                 f"connection {name!r} cannot migrate: only an OAuth connection of a configured "
                 "app with a refresh token can"
             )
+        # The slot first: under the lock only the call runs, which fits in its lifetime.
+        await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.token_timeout)
         async with held(self._store.lock(name, self._settings.lock_ttl)) as mine:
             if not mine:
                 raise NoUsableToken(
@@ -430,7 +467,6 @@ class Connections:
                 )
             record = await self.get(name)
             assert record.refresh_token is not None
-            await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.token_timeout)
             form = cloudbeds.exchange_form(app.client_id, app.client_secret, record.refresh_token)
             try:
                 key = await cloudbeds.send_api_key_request(

@@ -43,11 +43,12 @@ from proxy.errors import (
     TokenRejected,
 )
 from proxy.events import Event, EventType, new_event
-from proxy.logs import register_secret
+from proxy.logs import hold_secrets, register_secret
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, force_at, refreshed
 from proxy.store import TokenStore
 from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
+from proxy.tokens import rebased as rebased_on
 
 log = structlog.get_logger("proxy.coordinator")
 
@@ -57,8 +58,11 @@ def _long_backoff(policy: RefreshPolicy) -> RefreshPolicy:
     return dataclasses.replace(policy, backoff_base=30.0, backoff_cap=900.0)
 
 
-TokenGate = Callable[[str], Awaitable[object]]
-"""Awaited before each token call (the rate limiter: refreshes share the request budget)."""
+TokenGate = Callable[[str, float], Awaitable[object]]
+"""Awaited before each token call with (budget, longest wait): the rate limiter, since
+refreshes share the request budget."""
+_LOCK_MARGIN = 1.0
+"""Seconds of the lock kept spare after the token call's own timeout."""
 
 
 class OAuthCredential:
@@ -92,6 +96,7 @@ class OAuthCredential:
         self._unsaved: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
         self._unsaved_write = Write.REFRESH
+        self._lock_until = 0.0
         self.unreadable: str | None = None
         """Why the stored record cannot be read (wrong key, corruption), while it cannot."""
         self.last_error: str | None = None
@@ -207,6 +212,7 @@ class OAuthCredential:
         # Tokens from this process's refreshes and from other replicas alike: never logged.
         register_secret(record.access_token)
         register_secret(record.refresh_token)
+        hold_secrets(self.name, record.refresh_token)
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
         )
@@ -334,9 +340,18 @@ class OAuthCredential:
             self._unsaved = None  # only this record: a newer one may have failed meanwhile
         if stored is None:
             return
-        if rebase and resolve(record, stored, write) is Outcome.REBASE:
-            # Written once more, one generation up; `rebase=False` bounds it to once.
-            rebased = dataclasses.replace(record, generation=stored.generation + 1)
+        outcome = resolve(record, stored, write)
+        if outcome is Outcome.REBASE and not rebase:
+            # Refused twice in a row: keep it for the poll to write again, never drop it.
+            self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
+            return
+        if outcome is Outcome.REBASE:
+            # Written once more, one generation up; `rebase=False` bounds it to once here.
+            rebased = rebased_on(record, stored)
+            if stored.state is State.REAUTHORIZATION_REQUIRED and self._proxy.events_url:
+                # The refusal landed first and told the receiver; this grant undoes it.
+                view = rebased.view(self.name)
+                events = (*events, new_event(EventType.RECOVERED, view, self._clock()))
             log.warning(
                 "token.write.rebased",
                 credential=self.name,
@@ -405,6 +420,8 @@ class OAuthCredential:
 
     async def _refresh(self, force_generation: int | None) -> None:
         lock = self._store.lock(self.name, self._proxy.lock_ttl)
+        # The lock lives lock_ttl from now: the wait for a slot and the call fit inside it.
+        self._lock_until = asyncio.get_running_loop().time() + self._proxy.lock_ttl
         try:
             acquired = await lock.acquire()
         except StoreUnavailable:
@@ -457,8 +474,11 @@ class OAuthCredential:
             settings.client_id, settings.client_secret, record.refresh_token
         )
         if self._gate is not None:
+            spare = self._lock_until - asyncio.get_running_loop().time()
             try:
-                await self._gate(settings.budget)
+                await self._gate(
+                    settings.budget, max(0.0, spare - self._proxy.token_timeout - _LOCK_MARGIN)
+                )
             except ProxyError as exc:  # rate limited: try again once the budget allows
                 self._transient_failure(TokenEndpointUnavailable(exc.message))
                 return

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -16,9 +15,9 @@ import structlog
 from proxy.config import CredentialSettings
 from proxy.errors import ConnectionDisconnected, NoUsableToken, RecordUnreadable, StoreUnavailable
 from proxy.events import Event
-from proxy.logs import register_secret
+from proxy.logs import hold_secrets, register_secret
 from proxy.store import TokenStore
-from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve
+from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve
 
 log = structlog.get_logger("proxy.credentials")
 Listener = Callable[[str, tuple[str, ...]], None]
@@ -108,6 +107,7 @@ class ApiKeyCredential:
         if not force and current is not None and record.generation <= current.generation:
             return False
         register_secret(record.access_token)
+        hold_secrets(self.name, record.access_token)
         self.record = record
         if self.listener is not None:
             self.listener(self.name, self.properties)
@@ -154,14 +154,19 @@ class ApiKeyCredential:
             # A key Cloudbeds issued while the store was down: it exists nowhere else, and
             # an authorisation wins over whatever was written meanwhile.
             record, events = self._unsaved
-            if not await self._store.put(self.name, record, events=events):
+            written = await self._store.put(self.name, record, events=events)
+            if not written:
                 stored = await self._store.load(self.name)
-                if stored is not None and resolve(record, stored, Write.AUTHORIZATION) is (
+                if stored is None or resolve(record, stored, Write.AUTHORIZATION) is not (
                     Outcome.REBASE
                 ):
-                    rebased = dataclasses.replace(record, generation=stored.generation + 1)
-                    await self._store.put(self.name, rebased, events=events)
-            self._unsaved = None
+                    written = True  # nothing to write over: the stored record stands
+                else:
+                    written = await self._store.put(
+                        self.name, rebased(record, stored), events=events
+                    )
+            if written:
+                self._unsaved = None  # else the next poll writes it again: never dropped
         try:
             stored = await self._store.load(self.name)
         except RecordUnreadable as exc:

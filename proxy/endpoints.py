@@ -180,7 +180,8 @@ async def app_callback(request: web.Request) -> web.Response:
     code = _code(request, start)
     state = request.query.get("state", "")
     marketplace = not state or (
-        app.marketplace_state is not None and hmac.compare_digest(state, app.marketplace_state)
+        app.marketplace_state is not None
+        and hmac.compare_digest(state.encode(), app.marketplace_state.encode())
     )
     if not marketplace:
         issued = await _take_state(request, state, start)

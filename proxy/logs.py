@@ -38,6 +38,10 @@ _configured: set[str] = set()
 """Secrets from the configuration: kept for the life of the process."""
 _received: deque[str] = deque(maxlen=64)
 """Tokens as they arrive: the newest few, as older ones are expired and harmless."""
+_held: dict[str, tuple[str, ...]] = {}
+"""Each connection's current long-lived secrets (refresh token, API key): they never
+expire by themselves, so they are kept while the connection holds them, however many
+connections there are, and replaced when its record changes."""
 
 
 def register_secret(value: str | None, *, configured: bool = False) -> None:
@@ -50,9 +54,18 @@ def register_secret(value: str | None, *, configured: bool = False) -> None:
         _received.append(value)
 
 
+def hold_secrets(owner: str, *values: str | None) -> None:
+    """The long-lived secrets `owner` (a connection) holds now, in place of its previous."""
+    kept = tuple(v for v in values if v and len(v) >= 6)
+    if kept:
+        _held[owner] = kept
+    else:
+        _held.pop(owner, None)
+
+
 def _scrub(value: str) -> str:
     value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
-    for secret in (*_configured, *_received):
+    for secret in (*_configured, *_received, *(v for held in _held.values() for v in held)):
         if secret in value:
             value = value.replace(secret, REDACTED)
     return value

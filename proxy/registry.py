@@ -71,6 +71,7 @@ class Registry:
         self._position = "0"
         self._unknown_apps: set[str] = set()
         self._resumed = asyncio.Event()
+        self._reread_first = False
         metrics.count_connections(self.counts)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -99,8 +100,10 @@ class Registry:
             log.warning("store.unavailable.at_start", error=exc.message)
         for cred in self._settings.credentials:
             await self._add(cred, None)
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.reread()
+        except StoreUnavailable:
+            self._reread_first = True  # the feed starts with a reread once the store is back
 
     async def reread(self) -> None:
         """Every stored record once: at start, and when the change feed lost entries."""
@@ -133,8 +136,18 @@ class Registry:
     async def apply(self, name: str, record: TokenRecord) -> Credential | None:
         """Make `record` current for connection `name`, creating the connection if new."""
         credential = self.connections.get(name)
-        if credential is not None and record.app and record.kind is not credential.settings.kind:
-            await self._remove(name)  # migrated to an API key: a credential of the other kind
+        settings = credential.settings if credential is not None else None
+        if (
+            settings is not None
+            and record.app
+            and (record.kind, record.app)
+            != (
+                settings.kind,
+                settings.app,
+            )
+        ):
+            # Migrated to an API key, or imported under another app: a credential made anew.
+            await self._remove(name)
             credential = None
         if credential is None:
             # One-shot: a write that lands makes no credential the command did not ask for.
@@ -175,8 +188,10 @@ class Registry:
         credential.listener = self._index  # the property index follows every adopted record
         if record is not None:
             credential.adopt(record)
-        await credential.start()
+        # Known before the first await: a feed entry or an admin call for the same id that
+        # arrives while it starts finds it, rather than making a second one.
         self.connections[settings.name] = credential
+        await credential.start()
         if not self._one_shot:
             self._tasks[settings.name] = asyncio.create_task(
                 credential.run(), name=f"refresh:{settings.name}"
@@ -185,6 +200,7 @@ class Registry:
         return credential
 
     async def _remove(self, name: str) -> None:
+        self._index(name, ())  # routing never meets an id that is no longer there
         credential = self.connections.pop(name)
         task = self._tasks.pop(name, None)
         if task is not None:
@@ -211,13 +227,23 @@ class Registry:
         delay = 0.5
         while True:
             try:
+                if self._reread_first:
+                    # Where the feed stands first, then every record: nothing written after
+                    # the position is missed, nothing before it is replayed.
+                    self._position = await self._store.position()
+                    await self.reread()
+                    self._reread_first = False
                 async for position, name in self._store.changes(self._position):
                     delay = 0.5
                     if name is None:
-                        await self.reread()
-                    else:
-                        with contextlib.suppress(StoreUnavailable):
-                            await self.changed(name)
+                        self._reread_first = True
+                        break
+                    try:
+                        await self.changed(name)
+                    except StoreUnavailable:
+                        pass  # the next write of it, or a reread, brings it
+                    except Exception:  # one bad record must not end the feed for good
+                        log.exception("registry.change.crashed", connection=name)
                     self._position = position
             except StoreUnavailable:
                 self._metrics.redis_errors.labels("feed").inc()
@@ -259,6 +285,9 @@ class Registry:
         ids = self._by_property.get(prop, set())
         if app is not None:
             ids = {i for i in ids if self.connections[i].settings.app == app}
+        if len(ids) > 1:  # a property that left one app and joined another: the live one
+            live = {i for i in ids if self.connections[i].status()["state"] != "disconnected"}
+            ids = live or ids
         if not ids:
             if self.default is not None and not self._settings.apps:
                 return self.default

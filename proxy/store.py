@@ -169,8 +169,14 @@ class RecordCodec:
                     "CBPROXY_ENCRYPTION_KEY is not set; set the key that wrote it"
                 )
             for field in _SECRET_FIELDS:
-                if data.get(field) is not None:
-                    data[field] = self._cipher.decrypt(data[field])
+                value = data.get(field)
+                if value is not None and not isinstance(value, str):
+                    raise RecordUnreadable(
+                        f"stored record for connection {name!r} holds a {field} that is not "
+                        "ciphertext; restore it from a backup or authorise the connection again"
+                    )
+                if value is not None:
+                    data[field] = self._cipher.decrypt(value)
         try:
             return TokenRecord.from_json(data)
         except (KeyError, ValueError, TypeError):

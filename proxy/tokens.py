@@ -162,7 +162,12 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
       rotating refresh tokens Cloudbeds refuses the second call (the first rotated the
       token away). Both write generation n+1; a refusal that lands first would block the
       fleet and lose the refresh token Cloudbeds just returned.
+    - A grant wins over an edit (metadata) of the record it was refreshed from: the edit
+      holds the older credential (it was refreshed earlier), and adopting it would drop the
+      new access token and, with rotation, the only valid refresh token.
     - Otherwise the stored record is newer: adopt it.
+
+    REBASE writes `rebased(mine, stored)`: my credential on the stored record's own data.
     """
     if write is Write.CHANGE:
         return Outcome.REAPPLY
@@ -170,11 +175,24 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
         return Outcome.REBASE
     if stored.state is State.DISCONNECTED:
         return Outcome.ADOPT
-    outranks = (
-        mine.generation == stored.generation
-        and mine.state is State.OK
-        and mine.access_token is not None
-        and stored.state is State.REAUTHORIZATION_REQUIRED
+    grant = mine.generation == stored.generation and mine.state is State.OK
+    grant = grant and mine.access_token is not None
+    over_refusal = (
+        stored.state is State.REAUTHORIZATION_REQUIRED
         and stored.refresh_token != mine.refresh_token
     )
-    return Outcome.REBASE if outranks else Outcome.ADOPT
+    over_edit = stored.state is State.OK and (stored.refreshed_at or 0.0) < (
+        mine.refreshed_at or 0.0
+    )
+    return Outcome.REBASE if grant and (over_refusal or over_edit) else Outcome.ADOPT
+
+
+def rebased(mine: TokenRecord, stored: TokenRecord) -> TokenRecord:
+    """`mine`'s credential written over `stored`: one generation up, the stored record's
+    own data (metadata, creation time) kept, since an edit may have landed meanwhile."""
+    return dataclasses.replace(
+        mine,
+        generation=stored.generation + 1,
+        metadata=stored.metadata,
+        created_at=stored.created_at or mine.created_at,
+    )

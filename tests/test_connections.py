@@ -190,6 +190,9 @@ async def test_an_apps_fixed_marketplace_state_is_a_marketplace_install(
     code = state.issue_code(client_id=PARTNER[0], properties=["3202"])
     status, body, _ = await call("GET", f"{proxy}/_proxy/apps/partner/callback?code={code}&{fixed}")
     assert (status, body["error"]) == (400, "invalid_state")  # partner has no such state
+    # Any bytes in a state are an answer, never a crash (the fixed one is compared safely).
+    status, body, _ = await call("GET", f"{proxy}/_proxy/apps/keys/callback?code=x&state=%C3%A9")
+    assert (status, body["error"]) == (400, "invalid_state")
 
 
 async def test_refused_code_gets_a_clear_page_and_no_connection(

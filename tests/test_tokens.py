@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, resolve, seed_record
+from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve, seed_record
 
 NOW = 1_700_000_000.0
 
@@ -117,6 +117,20 @@ GONE = TokenRecord(None, 0.0, None, 6, state=State.DISCONNECTED)
         # A refresh loses to a newer record and to a disconnect.
         (OK_GRANT, NEWER_OK, Write.REFRESH, Outcome.ADOPT),
         (OK_GRANT, GONE, Write.REFRESH, Outcome.ADOPT),
+        # A refresh beats an edit (metadata) of the record it was refreshed from.
+        (
+            dataclasses.replace(OK_GRANT, refreshed_at=100.0),
+            dataclasses.replace(NEWER_OK, generation=5, refreshed_at=50.0),
+            Write.REFRESH,
+            Outcome.REBASE,
+        ),
+        # ... but not a record another replica refreshed later than it.
+        (
+            dataclasses.replace(OK_GRANT, refreshed_at=100.0),
+            dataclasses.replace(NEWER_OK, generation=5, refreshed_at=150.0),
+            Write.REFRESH,
+            Outcome.ADOPT,
+        ),
         # A refusal never rebases.
         (REFUSAL, NEWER_OK, Write.REFRESH, Outcome.ADOPT),
         # An authorisation wins over anything, a disconnect included.
@@ -162,3 +176,12 @@ def test_a_record_written_before_connections_still_reads() -> None:
     old = {"access_token": "a", "expires_at": 1.0, "refresh_token": "r", "generation": 3}
     record = TokenRecord.from_json(old)
     assert (record.app, record.kind, record.metadata) == (None, Kind.OAUTH, {})
+
+
+def test_rebased_keeps_the_stored_records_own_data() -> None:
+    mine = TokenRecord("new", 9.0, "r2", 5, metadata={"old": 1}, created_at=2.0)
+    edited = TokenRecord("old", 1.0, "r1", 5, metadata={"crm": "h-1"}, created_at=1.0)
+    out = rebased(mine, edited)
+    assert (out.access_token, out.refresh_token, out.generation) == ("new", "r2", 6)
+    assert out.metadata == {"crm": "h-1"}
+    assert out.created_at == 1.0
