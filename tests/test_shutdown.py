@@ -117,6 +117,11 @@ async def test_sigterm_releases_the_refresh_lock_at_once(
     try:
         await asyncio.to_thread(proxy.start)
         await _lock_key_appears(client, lock_key)
+        # The lock is taken before the call: wait (bounded) for the call itself to arrive.
+        for _ in range(500):
+            if fake.token_calls["refresh_token"]:
+                break
+            await asyncio.sleep(0.01)
         assert fake.token_calls["refresh_token"] == 1
         proxy.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proxy.wait, 20) == 0
