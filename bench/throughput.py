@@ -407,6 +407,8 @@ def median_result(results: list[Result]) -> dict[str, float]:
         "p99": med("p99_us") / 1000,
         "cpu": med("cpu_us"),
         "core": med("core") * 100,
+        "cpu_min": min(r.cpu_us for r in results),
+        "cpu_max": max(r.cpu_us for r in results),
         "errors": sum(r.errors + r.status_errors for r in results),
     }
 
@@ -414,7 +416,7 @@ def median_result(results: list[Result]) -> dict[str, float]:
 def print_table(results: dict[tuple[str, int, str], list[Result]]) -> None:
     print(
         f"{'scenario':<15} {'conns':>5} {'proxy':<8} {'req/s':>8} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'CPU us/req':>10} {'core %':>7} {'errors':>6}"
+        f"{'p99 ms':>8} {'CPU us/req':>10} {'(min-max)':>11} {'core %':>7} {'errors':>6}"
     )
     keys = sorted({(s, c) for s, c, _ in results}, key=lambda k: (k[0][0], k[1]))
     for scenario, conns in keys:
@@ -423,7 +425,8 @@ def print_table(results: dict[tuple[str, int, str], list[Result]]) -> None:
         for name, m in (("naive", naive), ("product", product)):
             print(
                 f"{scenario:<15} {conns:>5} {name:<8} {m['rps']:>8.0f} {m['p50']:>8.2f} "
-                f"{m['p99']:>8.2f} {m['cpu']:>10.0f} {m['core']:>7.0f} {m['errors']:>6.0f}"
+                f"{m['p99']:>8.2f} {m['cpu']:>10.0f} {m['cpu_min']:>5.0f}-{m['cpu_max']:<5.0f} "
+                f"{m['core']:>7.0f} {m['errors']:>6.0f}"
             )
         r = {k: product[k] / naive[k] for k in ("rps", "p50", "p99", "cpu")}
         print(
