@@ -46,7 +46,15 @@ from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, may_force, refreshed
 from proxy.store import TokenStore
-from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
+from proxy.tokens import (
+    Outcome,
+    State,
+    TokenRecord,
+    Write,
+    granted_after,
+    resolve,
+    seed_record,
+)
 
 log = structlog.get_logger("proxy.coordinator")
 
@@ -270,20 +278,26 @@ class OAuthCredential:
 
         Until the store has answered both the write and, after a refusal, what it holds
         instead, the record stays unsaved and the poll writes it again: a grant is never
-        dropped because the store went away between the two calls.
+        dropped because the store went away between the two calls, nor because a master
+        took it that no replica has yet (WriteNotReplicated is a StoreUnavailable).
         """
         try:
             written = await self._store.put(self.name, record, events=events)
             stored = None if written else await self._store.load(self.name)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self._metrics.redis_errors.labels("put").inc()
             self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
-            log.warning("token.write.deferred", credential=self.name, generation=record.generation)
+            log.warning(
+                "token.write.deferred",
+                credential=self.name,
+                generation=record.generation,
+                reason=exc.code,
+            )
             return
         if self._unsaved is record:
             self._unsaved = None  # only this record: a newer one may have failed meanwhile
-        if stored is None:
-            return
+        if stored is None or stored == record:
+            return  # written; or an earlier write of this very record had landed
         if rebase and resolve(record, stored, write) is Outcome.REBASE:
             # Written once more, one generation up; `rebase=False` bounds it to once.
             rebased = dataclasses.replace(record, generation=stored.generation + 1)
@@ -447,14 +461,17 @@ class OAuthCredential:
         newer = await self._newer_than(record)
         if newer is not None:
             # Another replica refreshed while this call was in flight (this one's lock had
-            # expired): the refusal is of a refresh token that is no longer the current one.
+            # expired), or this process holds a grant the store lost in a failover: the
+            # refusal is of a refresh token that is no longer the current one.
             log.info(
                 "token.refresh.rejected.superseded",
                 credential=self.name,
                 reason=exc.reason,
                 generation=newer.generation,
             )
-            self.adopt(newer)
+            # Forced: a later grant may carry a lower generation than the record refused (a
+            # failover lost it); kept unsaved, its write-back rebases it (`resolve`).
+            self.adopt(newer, force=True)
             return
         self._metrics.refreshes.labels(self._series, "rejected").inc()
         self.last_error = exc.reason
@@ -473,13 +490,25 @@ class OAuthCredential:
         await self._save(blocked, events=(event,) if self._proxy.events_url else ())
 
     async def _newer_than(self, record: TokenRecord) -> TokenRecord | None:
-        """A record newer than `record`, in memory or in the store, if there is one."""
+        """A record newer than `record`, in memory or in the store, if there is one.
+
+        Newer is a later generation, or a grant of a later refresh token (`granted_after`):
+        a grant this process holds unsaved may have a lower generation than a record that a
+        failover brought back and that was written on since.
+        """
+        unsaved = self._unsaved
+        if unsaved is not None and (
+            unsaved.generation > record.generation or granted_after(unsaved, record)
+        ):
+            return unsaved
         current = self.record
         if current is not None and current.generation > record.generation:
             return current
         with contextlib.suppress(StoreUnavailable):
             stored = await self._store.load(self.name)
-            if stored is not None and stored.generation > record.generation:
+            if stored is not None and (
+                stored.generation > record.generation or granted_after(stored, record)
+            ):
                 return stored
         return None
 

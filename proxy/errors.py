@@ -27,7 +27,8 @@
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
-    │   └── RecordUnreadable (503 record_unreadable)  wrong encryption key, corruption
+    │   ├── RecordUnreadable (503 record_unreadable)  wrong encryption key, corruption
+    │   └── WriteNotReplicated (503 write_not_replicated)  the master took it, no replica did
     └── UpstreamTimeout (504 upstream_timeout)
 
     TokenEndpointError                                    not an HTTP error: refresh outcome
@@ -191,3 +192,16 @@ class RecordUnreadable(StoreUnavailable):
     """A stored record that cannot be decrypted or parsed (wrong key, corruption)."""
 
     code = "record_unreadable"
+
+
+class WriteNotReplicated(StoreUnavailable):
+    """Redis took a record write but no replica acknowledged it within the bound (`WAIT`).
+
+    A kind of StoreUnavailable on purpose: a master that fails over before its replica has
+    the write loses it, and the refresh token in it is then nowhere but in this process.
+    Every caller that keeps a record unsaved and writes it again when the store is down does
+    the same here; the write may have landed, and the compare-and-set refuses it the second
+    time round, once a replica holds what the master holds.
+    """
+
+    code = "write_not_replicated"

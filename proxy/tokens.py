@@ -150,6 +150,27 @@ class Outcome(enum.Enum):
     """Apply the same edit to the stored record and write that."""
 
 
+def granted_after(mine: TokenRecord, other: TokenRecord) -> bool:
+    """`mine` holds a refresh token Cloudbeds granted after the one `other` holds.
+
+    Both grant times must be known (`refreshed_at`): a seed or an import carries none, and a
+    human's token is never taken for an older one. With rotating refresh tokens the older
+    token is dead, whatever generation its record has reached since (a failover can bring
+    back a record from before the grant, and later writes build on it).
+    """
+    return (
+        mine.state is State.OK
+        and mine.kind is Kind.OAUTH
+        and other.kind is Kind.OAUTH
+        and mine.access_token is not None
+        and mine.refresh_token is not None
+        and mine.refresh_token != other.refresh_token
+        and mine.refreshed_at is not None
+        and other.refreshed_at is not None
+        and mine.refreshed_at > other.refreshed_at
+    )
+
+
 def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
     """Which record wins when the store refused `mine` because `stored` is as new or newer.
 
@@ -162,6 +183,10 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
       rotating refresh tokens Cloudbeds refuses the second call (the first rotated the
       token away). Both write generation n+1; a refusal that lands first would block the
       fleet and lose the refresh token Cloudbeds just returned.
+    - A grant wins over a stored record that holds an older grant's refresh token, at any
+      generation: a master that fails over before its replica has a write brings back the
+      record from before the grant, and what is written on top of it (a refusal of its dead
+      refresh token, an edit) reaches the generation of the grant or passes it.
     - Otherwise the stored record is newer: adopt it.
     """
     if write is Write.CHANGE:
@@ -177,4 +202,4 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
         and stored.state is State.REAUTHORIZATION_REQUIRED
         and stored.refresh_token != mine.refresh_token
     )
-    return Outcome.REBASE if outranks else Outcome.ADOPT
+    return Outcome.REBASE if outranks or granted_after(mine, stored) else Outcome.ADOPT
