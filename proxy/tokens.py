@@ -153,10 +153,13 @@ class Outcome(enum.Enum):
 def granted_after(mine: TokenRecord, other: TokenRecord) -> bool:
     """`mine` holds a refresh token Cloudbeds granted after the one `other` holds.
 
-    Both grant times must be known (`refreshed_at`): a seed or an import carries none, and a
-    human's token is never taken for an older one. With rotating refresh tokens the older
-    token is dead, whatever generation its record has reached since (a failover can bring
-    back a record from before the grant, and later writes build on it).
+    Both grant times must be known (`refreshed_at`): a seed carries none, and is never taken
+    for an older token; an install or an import carries the time it was made. With rotating
+    refresh tokens the older token is dead, whatever generation its record has reached since
+    (a failover can bring back a record from before the grant, and later writes build on it).
+    The times come from the replicas' clocks, which must agree to well within the time
+    between two grants of one connection (a token's lifetime; at least the 5 s between
+    forced refreshes).
     """
     return (
         mine.state is State.OK
