@@ -51,7 +51,12 @@ def make_store(settings: Settings) -> TokenStore:
     cipher = TokenCipher.from_keys(settings.encryption_keys) if settings.encryption_keys else None
     if settings.redis_url is None:
         return SqliteStore(settings.state_file, cipher=cipher)
-    return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, cipher=cipher)
+    return RedisStore.from_url(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        cipher=cipher,
+        replica_wait=settings.replica_wait,
+    )
 
 
 def create_app(

@@ -132,6 +132,8 @@ class Settings:
     authorize_url: str = "https://api.cloudbeds.com/api/v1.3/oauth"
     redis_url: str | None = dataclasses.field(default=None, repr=False)
     redis_prefix: str = "cbproxy"
+    replica_wait: float = 1.0
+    """Seconds a record write waits for a Redis replica to acknowledge it (`WAIT`)."""
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     refresh_leeway: float = 300.0
     log_format: str = "json"
@@ -224,6 +226,13 @@ def _redis_url(value: str) -> str:
     return value
 
 
+def _replica_wait(value: str) -> float:
+    seconds = _bound(value)  # WAIT with a timeout of 0 would block for ever
+    if seconds > 1.0:
+        raise ValueError("must be at most 1 (seconds): half the Redis socket timeout of 2 s")
+    return seconds
+
+
 def _prefix(value: str) -> str:
     if not value or any(c in value for c in "{}: \t"):
         raise ValueError("must be a non-empty key prefix without spaces, ':' or braces")
@@ -272,6 +281,7 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "authorize_url": _url,
     "redis_url": _redis_url,
     "redis_prefix": _prefix,
+    "replica_wait": _replica_wait,
     "encryption_key": _fernet_keys,
     "refresh_leeway": _positive(float),
     "log_format": _log_format,

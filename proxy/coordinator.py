@@ -47,8 +47,16 @@ from proxy.logs import hold_secrets, register_secret
 from proxy.metrics import Metrics
 from proxy.refresh import Action, RefreshPolicy, backoff, decide, force_at, refreshed
 from proxy.store import TokenStore
-from proxy.tokens import Outcome, State, TokenRecord, Write, resolve, seed_record
-from proxy.tokens import rebased as rebased_on
+from proxy.tokens import (
+    Outcome,
+    State,
+    TokenRecord,
+    Write,
+    granted_after,
+    rebased,
+    resolve,
+    seed_record,
+)
 
 log = structlog.get_logger("proxy.coordinator")
 
@@ -321,7 +329,8 @@ class OAuthCredential:
 
         Until the store has answered both the write and, after a refusal, what it holds
         instead, the record stays unsaved and the poll writes it again: a grant is never
-        dropped because the store went away between the two calls.
+        dropped because the store went away between the two calls, nor because a master
+        took it that no replica has yet (WriteNotReplicated is a StoreUnavailable).
         """
         if self.unreadable is not None:
             return  # the record that is there may be the only copy of a grant: never over it
@@ -331,15 +340,20 @@ class OAuthCredential:
         except RecordUnreadable as exc:
             self._unreadable_record(exc)
             return
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self._metrics.redis_errors.labels("put").inc()
             self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
-            log.warning("token.write.deferred", credential=self.name, generation=record.generation)
+            log.warning(
+                "token.write.deferred",
+                credential=self.name,
+                generation=record.generation,
+                reason=exc.code,
+            )
             return
         if self._unsaved is record:
             self._unsaved = None  # only this record: a newer one may have failed meanwhile
-        if stored is None:
-            return
+        if stored is None or stored == record:
+            return  # written; or an earlier write of this very record had landed
         outcome = resolve(record, stored, write)
         if outcome is Outcome.REBASE and not rebase:
             # Refused twice in a row: keep it for the poll to write again, never drop it.
@@ -347,19 +361,19 @@ class OAuthCredential:
             return
         if outcome is Outcome.REBASE:
             # Written once more, one generation up; `rebase=False` bounds it to once here.
-            rebased = rebased_on(record, stored)
+            on_top = rebased(record, stored)
             if stored.state is State.REAUTHORIZATION_REQUIRED and self._proxy.events_url:
                 # The refusal landed first and told the receiver; this grant undoes it.
-                view = rebased.view(self.name)
+                view = on_top.view(self.name)
                 events = (*events, new_event(EventType.RECOVERED, view, self._clock()))
             log.warning(
                 "token.write.rebased",
                 credential=self.name,
                 stored=stored.generation,
-                generation=rebased.generation,
+                generation=on_top.generation,
             )
-            self.adopt(rebased)
-            await self._save(rebased, write=write, events=events, rebase=False)
+            self.adopt(on_top)
+            await self._save(on_top, write=write, events=events, rebase=False)
             return
         self._metrics.lock_losses.labels(self._series).inc()
         log.info("token.write.superseded", credential=self.name, stored=stored.generation)
@@ -519,14 +533,17 @@ class OAuthCredential:
         newer = await self._newer_than(record)
         if newer is not None:
             # Another replica refreshed while this call was in flight (this one's lock had
-            # expired): the refusal is of a refresh token that is no longer the current one.
+            # expired), or this process holds a grant the store lost in a failover: the
+            # refusal is of a refresh token that is no longer the current one.
             log.info(
                 "token.refresh.rejected.superseded",
                 credential=self.name,
                 reason=exc.reason,
                 generation=newer.generation,
             )
-            self.adopt(newer)
+            # Forced: a later grant may carry a lower generation than the record refused (a
+            # failover lost it); kept unsaved, its write-back rebases it (`resolve`).
+            self.adopt(newer, force=True)
             return
         self._metrics.refreshes.labels(self._series, "rejected").inc()
         self.last_error = exc.reason
@@ -545,13 +562,25 @@ class OAuthCredential:
         await self._save(blocked, events=(event,) if self._proxy.events_url else ())
 
     async def _newer_than(self, record: TokenRecord) -> TokenRecord | None:
-        """A record newer than `record`, in memory or in the store, if there is one."""
+        """A record newer than `record`, in memory or in the store, if there is one.
+
+        Newer is a later generation, or a grant of a later refresh token (`granted_after`):
+        a grant this process holds unsaved may have a lower generation than a record that a
+        failover brought back and that was written on since.
+        """
+        unsaved = self._unsaved
+        if unsaved is not None and (
+            unsaved.generation > record.generation or granted_after(unsaved, record)
+        ):
+            return unsaved
         current = self.record
         if current is not None and current.generation > record.generation:
             return current
         with contextlib.suppress(StoreUnavailable, RecordUnreadable):
             stored = await self._store.load(self.name)
-            if stored is not None and stored.generation > record.generation:
+            if stored is not None and (
+                stored.generation > record.generation or granted_after(stored, record)
+            ):
                 return stored
         return None
 

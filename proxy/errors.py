@@ -27,6 +27,7 @@
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
+    │   └── WriteNotReplicated (503 write_not_replicated)  the master took it, no replica did
     ├── RecordUnreadable (503 record_unreadable)      wrong encryption key, corruption
     └── UpstreamTimeout (504 upstream_timeout)
 
@@ -198,3 +199,16 @@ class RecordUnreadable(ProxyError):
 
     status, code = 503, "record_unreadable"
     retry_after = 60.0
+
+
+class WriteNotReplicated(StoreUnavailable):
+    """Redis took a record write but no replica acknowledged it within the bound (`WAIT`).
+
+    A kind of StoreUnavailable on purpose: a master that fails over before its replica has
+    the write loses it, and the refresh token in it is then nowhere but in this process.
+    Every caller that keeps a record unsaved and writes it again when the store is down does
+    the same here; the write may have landed, and the compare-and-set refuses it the second
+    time round, once a replica holds what the master holds.
+    """
+
+    code = "write_not_replicated"

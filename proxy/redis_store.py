@@ -25,6 +25,18 @@ Per connection, in the connection's own slot (single-key commands only):
 
 Every redis exception is translated here, once, into `StoreUnavailable`, whose message
 never carries the URL (it may hold a password) or a token.
+
+Replicas. A master acknowledges a write before its replicas have it; if it dies then, the
+replica Sentinel promotes holds the previous record, whose refresh token Cloudbeds may have
+rotated away. So once this store has seen the master report a replica (`INFO replication`,
+asked at the first write and at each `ping` until then), every record write is followed, on
+the same connection, by `WAIT 1 <replica_wait>`; a write no replica acknowledged raises
+`WriteNotReplicated` and the caller keeps the record unsaved and writes it again. A refused
+write sets the stored generation to itself, so that the WAIT after it answers for the record
+that is stored. Standalone Redis without replicas never waits; neither does Cluster, whose
+client does not pin a write's connection (WAIT counts the writes of its own connection).
+The knowledge is kept for the life of the process: a master left without replicas after a
+failover answers WriteNotReplicated until one joins again.
 """
 
 from __future__ import annotations
@@ -43,11 +55,11 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.lock import Lock
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError, RedisClusterException, RedisError
+from redis.exceptions import LockError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.crypto import TokenCipher
-from proxy.errors import StoreUnavailable
+from proxy.errors import StoreUnavailable, WriteNotReplicated
 from proxy.events import Event
 from proxy.store import STATE_TTL, Page, RecordCodec, readable
 from proxy.tokens import TokenRecord
@@ -65,6 +77,9 @@ RedisClient = aioredis.Redis | RedisCluster
 _PUT_SCRIPT = """
 local stored = redis.call('HGET', KEYS[1], 'generation')
 if stored and tonumber(stored) >= tonumber(ARGV[1]) then
+  -- Unchanged, but a write all the same: it reaches the replication stream after the stored
+  -- record, so a WAIT after a refusal answers for what the refusal names.
+  redis.call('HSET', KEYS[1], 'generation', stored)
   return 0
 end
 local id, base = ARGV[5], ARGV[6]
@@ -162,6 +177,9 @@ FEED_LENGTH = 100_000
 """Feed entries kept (about): a follower further behind than this rereads everything."""
 _FEED_BLOCK_MS = 1000
 """How long one read of the feed waits for news; below the socket timeout."""
+
+REPLICA_WAIT = 1.0
+"""Seconds a record write waits for a replica to acknowledge it (CBPROXY_REPLICA_WAIT)."""
 
 _SCHEMES = "redis://, rediss://, redis+sentinel://, redis+cluster:// or rediss+cluster://"
 _SENTINEL_PORT = 26379
@@ -294,9 +312,20 @@ class RedisStore:
     shared = True
 
     def __init__(
-        self, client: RedisClient, *, prefix: str = "cbproxy", cipher: TokenCipher | None = None
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = "cbproxy",
+        cipher: TokenCipher | None = None,
+        replica_wait: float = REPLICA_WAIT,
     ) -> None:
+        if replica_wait <= 0:  # WAIT with a timeout of 0 blocks for ever
+            raise ValueError("replica_wait must be greater than 0")
         self.client = client
+        self.replica_wait = replica_wait
+        self.replicas = False
+        """The master reported a replica once: every record write then waits for one."""
+        self._asked_replicas = False
         self.prefix = prefix
         self.base = f"{prefix}:{{conns}}:"
         self._codec = RecordCodec(cipher)
@@ -318,13 +347,18 @@ class RedisStore:
         socket_timeout: float = 2.0,
         max_connections: int = 64,
         pool_timeout: float = 5.0,
+        replica_wait: float = REPLICA_WAIT,
     ) -> RedisStore:
         """A store for CBPROXY_REDIS_URL. Connects lazily: call `ping()` to check.
 
         The pool is bounded and waits (up to `pool_timeout`) for a free connection: a busy
-        store is a slow store, not a missing one.
+        store is a slow store, not a missing one. A write waits for a replica at most
+        `replica_wait` seconds, and at most half `socket_timeout`.
         """
         target = parse_redis_url(url)
+        # The answer to a WAIT may come `replica_wait` late: it must fit in the socket timeout.
+        replica_wait = min(replica_wait, socket_timeout / 2)
+        extra: dict[str, Any] = {"prefix": prefix, "cipher": cipher, "replica_wait": replica_wait}
         options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
@@ -339,16 +373,16 @@ class RedisStore:
                 username=target.username,
                 password=target.password,
             )
-            store = cls(client, prefix=prefix, cipher=cipher)
+            store = cls(client, **extra)
             store._sentinel = sentinel
             return store
         assert target.url is not None
         if target.kind == "cluster":
-            return cls(RedisCluster.from_url(target.url, **options), prefix=prefix, cipher=cipher)
+            return cls(RedisCluster.from_url(target.url, **options), **extra)
         pool = BlockingConnectionPool.from_url(
             target.url, max_connections=max_connections, timeout=pool_timeout, **options
         )
-        return cls(aioredis.Redis.from_pool(pool), prefix=prefix, cipher=cipher)
+        return cls(aioredis.Redis.from_pool(pool), **extra)
 
     def key(self, name: str, suffix: str) -> str:
         """`{prefix}:{cred:<name>}:<suffix>`: one connection's own slot (lock, limiter)."""
@@ -378,8 +412,44 @@ class RedisStore:
         for event in events:
             args += [event.id, event.to_json()]
         keys = [self.record_key(name), b + "ids", b + "feed", b + "outbox", b + "outbox:data"]
+        keys.append(b + "outbox:seq")
         with _redis_errors():
-            return bool(await self._put(keys=[*keys, b + "outbox:seq"], args=args))
+            if not self._asked_replicas:
+                await self._learn_replicas()
+            if not self.replicas:
+                return bool(await self._put(keys=keys, args=args))
+            # One pipeline, one connection: WAIT counts the writes of the connection it runs on.
+            pipe = self.client.pipeline(transaction=False)
+            # redis-py's Script takes a pipeline (it loads the script first); its stub says not.
+            await self._put(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+            pipe.execute_command("WAIT", 1, max(1, round(self.replica_wait * 1000)))
+            written, acknowledged = await pipe.execute()
+        if int(acknowledged) < 1:
+            log.warning("store.write.not_replicated", connection=name, wait=self.replica_wait)
+            raise WriteNotReplicated(
+                f"Redis took the write of {name!r} but no replica acknowledged it within "
+                f"{self.replica_wait:g}s; it is kept in memory and written again"
+            )
+        return bool(written)
+
+    async def _learn_replicas(self) -> None:
+        """Ask the master whether it has replicas; once it had one, writes wait for one."""
+        if self.replicas or isinstance(self.client, RedisCluster):
+            self._asked_replicas = True
+            return
+        try:
+            info = await self.client.info("replication")
+        except ResponseError:
+            # INFO refused (an ACL, a managed service): the store says nothing of replicas,
+            # and writes count as done when Redis acknowledges them, as on a lone server.
+            if not self._asked_replicas:
+                log.warning("store.replicas.unknown", reason="INFO replication refused")
+            self._asked_replicas = True
+            return
+        self._asked_replicas = True
+        if int(info.get("connected_slaves", 0)) > 0:
+            self.replicas = True
+            log.info("store.replicas.seen", replicas=int(info["connected_slaves"]))
 
     async def page(
         self, *, app: str | None = None, cursor: str | None = None, limit: int = 100
@@ -508,6 +578,8 @@ class RedisStore:
     async def ping(self) -> None:
         with _redis_errors():
             await self.client.ping()
+            if not self.replicas:  # a replica added to a lone master is learnt here
+                await self._learn_replicas()
 
     async def close(self) -> None:
         with _redis_errors():

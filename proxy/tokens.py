@@ -150,6 +150,30 @@ class Outcome(enum.Enum):
     """Apply the same edit to the stored record and write that."""
 
 
+def granted_after(mine: TokenRecord, other: TokenRecord) -> bool:
+    """`mine` holds a refresh token Cloudbeds granted after the one `other` holds.
+
+    Both grant times must be known (`refreshed_at`): a seed carries none, and is never taken
+    for an older token; an install or an import carries the time it was made. With rotating
+    refresh tokens the older token is dead, whatever generation its record has reached since
+    (a failover can bring back a record from before the grant, and later writes build on it).
+    The times come from the replicas' clocks, which must agree to well within the time
+    between two grants of one connection (a token's lifetime; at least the 5 s between
+    forced refreshes).
+    """
+    return (
+        mine.state is State.OK
+        and mine.kind is Kind.OAUTH
+        and other.kind is Kind.OAUTH
+        and mine.access_token is not None
+        and mine.refresh_token is not None
+        and mine.refresh_token != other.refresh_token
+        and mine.refreshed_at is not None
+        and other.refreshed_at is not None
+        and mine.refreshed_at > other.refreshed_at
+    )
+
+
 def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
     """Which record wins when the store refused `mine` because `stored` is as new or newer.
 
@@ -165,6 +189,10 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
     - A grant wins over an edit (metadata) of the record it was refreshed from: the edit
       holds the older credential (it was refreshed earlier), and adopting it would drop the
       new access token and, with rotation, the only valid refresh token.
+    - A grant wins over a stored record that holds an older grant's refresh token, at any
+      generation: a master that fails over before its replica has a write brings back the
+      record from before the grant, and what is written on top of it (a refusal of its dead
+      refresh token, an edit) reaches the generation of the grant or passes it.
     - Otherwise the stored record is newer: adopt it.
 
     REBASE writes `rebased(mine, stored)`: my credential on the stored record's own data.
@@ -184,7 +212,9 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
     over_edit = stored.state is State.OK and (stored.refreshed_at or 0.0) < (
         mine.refreshed_at or 0.0
     )
-    return Outcome.REBASE if grant and (over_refusal or over_edit) else Outcome.ADOPT
+    if grant and (over_refusal or over_edit):
+        return Outcome.REBASE
+    return Outcome.REBASE if granted_after(mine, stored) else Outcome.ADOPT
 
 
 def rebased(mine: TokenRecord, stored: TokenRecord) -> TokenRecord:

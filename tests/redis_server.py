@@ -1,7 +1,9 @@
 """A private `redis-server` process for tests that stop, kill or restart Redis.
 
 It listens on a free port on 127.0.0.1, never on 6379 (the machine's shared Redis),
-persists nothing, and keeps its port across restarts so clients can reconnect.
+persists nothing (each start runs in a new empty directory: a replica's full sync writes
+an RDB file there, which a later start must not load), and keeps its port across restarts
+so clients can reconnect.
 Optionally it speaks only TLS (`tls=TLSFiles(...)`) or is a cluster node
 (`cluster_dir=`), and `RedisSentinel` runs `redis-server <config> --sentinel`
 watching one of them.
@@ -10,10 +12,13 @@ watching one of them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -69,6 +74,7 @@ class RedisServer:
         executable: str = "redis-server",
         tls: TLSFiles | None = None,
         cluster_dir: Path | None = None,
+        replica_of: RedisServer | None = None,
     ) -> None:
         found = shutil.which(executable)
         if found is None:
@@ -78,10 +84,13 @@ class RedisServer:
         self.tls = tls
         self.cluster_dir = cluster_dir
         """With it, a cluster-enabled node (no slots yet) keeping nodes.conf there."""
+        self.replica_of = replica_of
+        """With it, a replica of that (plain-TCP) server from the start."""
         self.port = _free_port()
         # Redis puts the cluster bus on port + 10000 unless told, past 65535 for high ports.
         self.cluster_port = _free_port() if cluster_dir is not None else None
         self._process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
@@ -112,10 +121,19 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
+            # A replica's first sync starts at once (the default waits 5 s for others).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
-        if self.cluster_dir is not None:
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+            if self.replica_of.password:
+                args += ["--masterauth", self.replica_of.password]
+        if self.cluster_dir is None:
+            assert self._dir is not None
+            args += ["--dir", self._dir.name]
+        else:
             args += [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{self.port}.conf",
@@ -134,6 +152,8 @@ class RedisServer:
         """Start the server and return once it answers PING."""
         if self.running:
             return
+        self._forget_dir()
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{self.name}-{self.port}-")
         self._process = subprocess.Popen(
             self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -150,10 +170,11 @@ class RedisServer:
             raise RuntimeError(f"{self.name} could not bind port {self.port}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait: a clean shutdown."""
+        """SIGTERM and wait: a clean shutdown (of a paused process too)."""
         if self._process is None:
             return
         if self._process.poll() is None:
+            self.resume()
             self._process.terminate()
             try:
                 self._process.wait(timeout)
@@ -161,6 +182,7 @@ class RedisServer:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        self._forget_dir()
 
     def kill(self) -> None:
         """SIGKILL and wait: a crash."""
@@ -170,11 +192,27 @@ class RedisServer:
             self._process.kill()
             self._process.wait()
         self._process = None
+        self._forget_dir()
+
+    def _forget_dir(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
     def restart(self) -> None:
         """Stop, then start again on the same port."""
         self.stop()
         self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process answers nothing (nor acknowledges replication) until resumed."""
+        assert self._process is not None and self._process.poll() is None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause()`; harmless on a process that is not paused."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         self.start()
@@ -188,7 +226,9 @@ class RedisSentinel(RedisServer):
     """`redis-server <config> --sentinel` monitoring `master` as `service` (quorum 1).
 
     The config file lives in `directory` (Sentinel rewrites it as it learns). Plain TCP
-    only; the master's password, if any, becomes `sentinel auth-pass`.
+    only; the master's password, if any, becomes `sentinel auth-pass`. Several sentinels
+    with a `quorum` above 1, and a short `down_after_ms` and `failover_timeout_ms`, make
+    a failover a test can wait for.
     """
 
     name = "redis-sentinel"
@@ -200,12 +240,18 @@ class RedisSentinel(RedisServer):
         *,
         service: str = "mymaster",
         executable: str = "redis-server",
+        quorum: int = 1,
+        down_after_ms: int = 5000,
+        failover_timeout_ms: int = 60000,
     ) -> None:
         if master.tls is not None:
             raise ValueError("RedisSentinel watches plain-TCP masters only")
         super().__init__(executable=executable)
         self.master = master
         self.service = service
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
         self.config = directory / f"sentinel-{self.port}.conf"
 
     @property
@@ -221,9 +267,9 @@ class RedisSentinel(RedisServer):
             "bind 127.0.0.1",
             "daemonize no",
             f"dir {self.config.parent}",
-            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1",
-            f"sentinel down-after-milliseconds {self.service} 5000",
-            f"sentinel failover-timeout {self.service} 60000",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} {self.quorum}",
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
         ]
         if self.master.password:
             lines.append(f"sentinel auth-pass {self.service} {self.master.password}")

@@ -7,7 +7,17 @@ import json
 
 import pytest
 
-from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve, seed_record
+from proxy.tokens import (
+    Kind,
+    Outcome,
+    State,
+    TokenRecord,
+    Write,
+    granted_after,
+    rebased,
+    resolve,
+    seed_record,
+)
 
 NOW = 1_700_000_000.0
 
@@ -143,6 +153,56 @@ GONE = TokenRecord(None, 0.0, None, 6, state=State.DISCONNECTED)
 )
 def test_resolve(mine: TokenRecord, stored: TokenRecord, write: Write, outcome: Outcome) -> None:
     assert resolve(mine, stored, write) is outcome
+
+
+# After a failover: the store went back to a record from before my grant (refresh token
+# "old", granted at t=100), and writes built on it since. My grant (t=200) holds "rotated".
+LOST_GRANT = TokenRecord("new-access", 3800.0, "rotated", 5, refreshed_at=200.0)
+BEFORE = TokenRecord("old-access", 3700.0, "old", 4, refreshed_at=100.0)
+
+
+@pytest.mark.parametrize(
+    ("stored", "outcome"),
+    [
+        # A refusal of the old token, at my generation or past it: my grant wins.
+        (dataclasses.replace(BEFORE, generation=5, state=State.REAUTHORIZATION_REQUIRED), "rebase"),
+        (dataclasses.replace(BEFORE, generation=7, state=State.REAUTHORIZATION_REQUIRED), "rebase"),
+        # An edit made on the old record (still "ok", still the dead token): my grant wins.
+        (dataclasses.replace(BEFORE, generation=6, metadata={"k": 1}), "rebase"),
+        # A grant made after mine: it wins, whatever it holds.
+        (
+            dataclasses.replace(BEFORE, generation=6, refresh_token="later", refreshed_at=300.0),
+            "adopt",
+        ),
+        # My own record, already stored (an earlier write of it landed): nothing to do.
+        (LOST_GRANT, "adopt"),
+        # The same refresh token (Cloudbeds did not rotate it): the stored record is as good.
+        (dataclasses.replace(BEFORE, generation=6, refresh_token="rotated"), "adopt"),
+        # A record without a grant time (a seed, an import made by hand): never overridden.
+        (dataclasses.replace(BEFORE, generation=6, refreshed_at=None), "adopt"),
+        # Disconnected, or migrated to an API key: the connection moved on.
+        (dataclasses.replace(BEFORE, generation=6, state=State.DISCONNECTED), "adopt"),
+        (dataclasses.replace(BEFORE, generation=6, kind=Kind.API_KEY), "adopt"),
+    ],
+)
+def test_resolve_a_grant_the_store_lost(stored: TokenRecord, outcome: str) -> None:
+    assert resolve(LOST_GRANT, stored, Write.REFRESH) is Outcome(outcome)
+
+
+@pytest.mark.parametrize(
+    ("mine", "newer"),
+    [
+        (LOST_GRANT, True),
+        (dataclasses.replace(LOST_GRANT, refreshed_at=50.0), False),  # granted before
+        (dataclasses.replace(LOST_GRANT, refreshed_at=None), False),  # unknown
+        (dataclasses.replace(LOST_GRANT, refresh_token="old"), False),  # the same token
+        (dataclasses.replace(LOST_GRANT, access_token=None), False),  # no grant (a seed)
+        (dataclasses.replace(LOST_GRANT, state=State.REAUTHORIZATION_REQUIRED), False),
+    ],
+)
+def test_granted_after(mine: TokenRecord, newer: bool) -> None:
+    assert granted_after(mine, BEFORE) is newer
+    assert not granted_after(BEFORE, LOST_GRANT)
 
 
 def test_an_api_key_is_usable_until_disconnected() -> None:
