@@ -247,6 +247,9 @@ class Registry:
                     self._position = position
             except StoreUnavailable:
                 self._metrics.redis_errors.labels("feed").inc()
+            else:
+                if self._reread_first:
+                    continue  # the feed lost entries: reread at once, no backoff
             # The feed is how changes arrive: retry soon, and at once when the poll sees
             # the store back (`resume`).
             with contextlib.suppress(TimeoutError):

@@ -209,8 +209,13 @@ def resolve(mine: TokenRecord, stored: TokenRecord, write: Write) -> Outcome:
         stored.state is State.REAUTHORIZATION_REQUIRED
         and stored.refresh_token != mine.refresh_token
     )
-    over_edit = stored.state is State.OK and (stored.refreshed_at or 0.0) < (
-        mine.refreshed_at or 0.0
+    # An edit stamps `updated_at` and keeps the credential (and `refreshed_at`) it found; a
+    # refresh by another replica stamps `refreshed_at` and is newer news than mine or not.
+    edited = (stored.updated_at or 0.0) > (stored.refreshed_at or 0.0)
+    over_edit = (
+        stored.state is State.OK
+        and edited
+        and (stored.refreshed_at or 0.0) < (mine.refreshed_at or 0.0)
     )
     if grant and (over_refusal or over_edit):
         return Outcome.REBASE

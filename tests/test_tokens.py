@@ -127,12 +127,20 @@ GONE = TokenRecord(None, 0.0, None, 6, state=State.DISCONNECTED)
         # A refresh loses to a newer record and to a disconnect.
         (OK_GRANT, NEWER_OK, Write.REFRESH, Outcome.ADOPT),
         (OK_GRANT, GONE, Write.REFRESH, Outcome.ADOPT),
-        # A refresh beats an edit (metadata) of the record it was refreshed from.
+        # A refresh beats an edit (metadata) of the record it was refreshed from, even with
+        # a refresh token that does not rotate...
         (
             dataclasses.replace(OK_GRANT, refreshed_at=100.0),
-            dataclasses.replace(NEWER_OK, generation=5, refreshed_at=50.0),
+            dataclasses.replace(OK_GRANT, access_token="old", refreshed_at=50.0, updated_at=90.0),
             Write.REFRESH,
             Outcome.REBASE,
+        ),
+        # ... but not another replica's refresh of that record, made just before it.
+        (
+            dataclasses.replace(OK_GRANT, refreshed_at=100.0),
+            dataclasses.replace(OK_GRANT, access_token="theirs", refreshed_at=99.0),
+            Write.REFRESH,
+            Outcome.ADOPT,
         ),
         # ... but not a record another replica refreshed later than it.
         (
