@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -20,8 +21,9 @@ from proxy.clock import FakeClock
 from proxy.config import Settings
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from tests.redis_server import RedisServer
-from tests.support import serve, wait_ready
+from tests.support import fresh_state_file, serve, wait_ready
 
+DEFAULT_STATE_FILE = Settings(credentials=()).state_file
 REDIS_URL = os.environ.get("CBPROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -70,6 +72,9 @@ async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     runners: list[web.AppRunner] = []
 
     async def start(settings: Settings, *, ready: bool = True, **kwargs: Any) -> str:
+        if settings.state_file == DEFAULT_STATE_FILE:
+            # Never the working directory's file: a test sees no other test's records.
+            settings = dataclasses.replace(settings, state_file=fresh_state_file())
         runner, url = await serve(create_app(settings, **kwargs))
         runners.append(runner)
         if ready:
