@@ -440,6 +440,14 @@ class OAuthCredential:
             acquired = await lock.acquire()
         except StoreUnavailable:
             self._metrics.redis_errors.labels("lock").inc()
+            if force_generation is None and not self._must_refresh_alone():
+                # A store that does not answer now may be busy, not gone: while the token
+                # has time left, try the lock again later. Refreshing unlocked on every
+                # replica at once is the duplicate call the lock exists to prevent.
+                self._transient_failure(
+                    TokenEndpointUnavailable("the store did not answer for the refresh lock")
+                )
+                return
             log.warning("token.refresh.without_lock", credential=self.name)
             await self._refresh_locked(force_generation, reread=False)
             return
@@ -452,6 +460,15 @@ class OAuthCredential:
         finally:
             with contextlib.suppress(StoreUnavailable):
                 await lock.release()
+
+    def _must_refresh_alone(self) -> bool:
+        """True when the token is too close to its expiry to wait for the store any longer:
+        within the lock's lifetime, or half the leeway, whichever is longer."""
+        record = self.record
+        if record is None or record.access_token is None:
+            return True
+        margin = max(self._proxy.lock_ttl, self._policy.leeway / 2)
+        return record.seconds_left(self._clock()) <= margin
 
     async def _await_other_replica(self) -> None:
         """Another replica holds the lock: watch for its record; retry the lock after a beat."""

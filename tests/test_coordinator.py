@@ -540,3 +540,24 @@ async def test_a_401_inside_the_storm_guard_waits_for_the_refresh_it_allows(harn
     short.fake.revoke_all()
     assert not await other.rejected(token)
     assert short.calls == 1
+
+
+async def test_a_store_that_does_not_answer_is_waited_for_while_the_token_has_time(
+    harness: Any,
+) -> None:
+    """A busy store is not a missing one: no unlocked refresh while the token is good."""
+    store = FlakyStore()
+    h = await harness(store)
+    credential = await h.started()
+    assert h.calls == 1
+    store.down = True
+    h.clock.advance(3600 - 299)  # refresh time (leeway 300): 299 s left, more than 150
+    nudge(credential)
+    await settle()
+    assert h.calls == 1  # no token call without the lock yet
+    assert credential.last_error == "the store did not answer for the refresh lock"
+    h.clock.advance(160)  # 139 s left: within half the leeway, the token must be renewed
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
+    assert h.calls == 2
+    assert credential.status()["unsaved"] is True
