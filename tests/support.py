@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -104,6 +105,19 @@ class ProxyProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
+        """Start it and wait until it answers healthz itself (its own pid): a free port can be
+        taken by another process before the proxy binds it, so a lost race is run again on
+        another port, up to three times."""
+        for _ in range(3):
+            if self._start_once(timeout):
+                return self
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.env["CBPROXY_PORT"] = str(self.port)
+        raise RuntimeError(f"proxy found no free port:\n{self.log_path.read_text()}")
+
+    def _start_once(self, timeout: float) -> bool:
+        """True once started; False when the port was taken; raises on any other failure."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", *self.args],
@@ -115,13 +129,29 @@ class ProxyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"proxy exited early:\n{self.log_path.read_text()}")
+                text = self.log_path.read_text()
+                if "address already in use" in text.splitlines()[-1]:
+                    return False
+                raise RuntimeError(f"proxy exited early:\n{text}")
             try:
-                with urllib.request.urlopen(f"{self.url}/_proxy/healthz", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+                with urllib.request.urlopen(f"{self.url}/_proxy/healthz", timeout=1) as answer:
+                    if self._ours(json.load(answer).get("pid")):
+                        return True
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
         raise RuntimeError(f"proxy did not start:\n{self.log_path.read_text()}")
+
+    def _ours(self, pid: object) -> bool:
+        """The answering process is this proxy, or one of its `--workers`."""
+        assert self.process is not None
+        if pid == self.process.pid:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[-1].split()[1] == str(self.process.pid)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
