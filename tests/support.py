@@ -140,6 +140,8 @@ class ProxyProcess:
             except (OSError, ValueError):
                 pass
             time.sleep(0.1)
+        self.process.kill()  # never left running behind a failed test
+        self.process.wait()
         raise RuntimeError(f"proxy did not start:\n{self.log_path.read_text()}")
 
     def _ours(self, pid: object) -> bool:
