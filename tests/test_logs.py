@@ -165,3 +165,18 @@ def test_settings_name_every_configured_secret() -> None:
         "the-redis-password",
         key,
     }
+
+
+def test_every_connections_held_secret_is_redacted_by_lookup() -> None:
+    """Refresh tokens and keys of any number of connections, however old: looked up per word."""
+    from proxy import logs as log_module
+
+    for n in range(2000):
+        log_module.hold_secrets(f"conn-{n}", f"held-refresh-{n:05d}-x9")
+    line = log_module._scrub("refresh_token=held-refresh-00007-x9&other=held-refresh-01999-x9")
+    assert "held-refresh" not in line
+    log_module.hold_secrets("conn-7", "held-refresh-new-7-x9")  # its token rotated
+    assert "held-refresh-new-7-x9" not in log_module._scrub("got held-refresh-new-7-x9")
+    for n in range(2000):
+        log_module.hold_secrets(f"conn-{n}")
+    assert log_module._held_values == {}
