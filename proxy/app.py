@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -24,7 +24,7 @@ from proxy.clock import Clock, system_clock
 from proxy.config import CredentialSettings, Kind, Settings
 from proxy.connections import Connections
 from proxy.coordinator import OAuthCredential
-from proxy.credentials import ApiKeyCredential, Credential
+from proxy.credentials import ApiKeyCredential, Credential, KeepAlive
 from proxy.crypto import TokenCipher
 from proxy.delivery import Delivery
 from proxy.errors import StoreUnavailable
@@ -247,9 +247,23 @@ def credential_factory(
 ) -> MakeCredential:
     """How a replica (or a one-shot CLI command) makes a connection's credential."""
 
+    def gate(budget: str, wait: float) -> Awaitable[object]:
+        return limiter.admit(budget, max_wait=wait)
+
+    # An idle API key is kept alive with a cheap call (Cloudbeds expires one unused 30 days).
+    keepalive = KeepAlive(
+        session,
+        f"{settings.upstream_url}/api/v1.3/getHotels",
+        interval=settings.keepalive_interval,
+        timeout=settings.token_timeout,
+        lock_ttl=settings.lock_ttl,
+        clock=clock,
+        gate=gate,
+    )
+
     def make(cred: CredentialSettings) -> Credential:
         if cred.kind is Kind.API_KEY:
-            return ApiKeyCredential(cred, store)
+            return ApiKeyCredential(cred, store, keepalive=keepalive)
         return OAuthCredential(
             cred,
             settings,
@@ -259,7 +273,7 @@ def credential_factory(
             clock=clock,
             # A refresh counts against the budget but must not lose to a flood of
             # requests: it may wait for its slot as long as its lock outlives the call.
-            gate=lambda budget, wait: limiter.admit(budget, max_wait=wait),
+            gate=gate,
         )
 
     return make

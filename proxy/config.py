@@ -136,6 +136,11 @@ class Settings:
     """Seconds a record write waits for a Redis replica to acknowledge it (`WAIT`)."""
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     refresh_leeway: float = 300.0
+    refresh_idle_after: float | None = None
+    """Seconds without a request after which a connection of an app is no longer refreshed
+    ahead; None: one lifetime of its token (`expires_at - refreshed_at`)."""
+    keepalive_interval: float = 604_800.0
+    """An idle connection is refreshed (OAuth) or called (API key) at least this often."""
     log_format: str = "json"
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
@@ -255,6 +260,20 @@ def _positive(parse: Callable[[str], T], *, zero: bool = True) -> Callable[[str]
 _bound = _positive(float, zero=False)
 
 
+API_KEY_EXPIRY = 30 * 24 * 3600
+"""Cloudbeds expires an API key unused for 30 days."""
+
+
+def _keepalive(value: str) -> float:
+    seconds = _bound(value)
+    if seconds >= API_KEY_EXPIRY:
+        raise ValueError(
+            f"must be less than {API_KEY_EXPIRY} (30 days, after which Cloudbeds expires an "
+            "unused API key)"
+        )
+    return seconds
+
+
 def _port(value: str) -> int:
     port = int(value)
     if not 0 < port < 65536:
@@ -284,6 +303,8 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "replica_wait": _replica_wait,
     "encryption_key": _fernet_keys,
     "refresh_leeway": _positive(float),
+    "refresh_idle_after": _bound,
+    "keepalive_interval": _keepalive,
     "log_format": _log_format,
     "connect_timeout": _bound,
     "read_timeout": _bound,

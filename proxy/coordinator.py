@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -30,7 +30,7 @@ import structlog
 from proxy import cloudbeds
 from proxy.clock import Clock
 from proxy.config import CredentialSettings, Kind, Settings
-from proxy.credentials import Listener
+from proxy.credentials import Listener, TokenGate
 from proxy.errors import (
     ConnectionDisconnected,
     NoUsableToken,
@@ -45,7 +45,16 @@ from proxy.errors import (
 from proxy.events import Event, EventType, new_event
 from proxy.logs import hold_secrets, register_secret
 from proxy.metrics import Metrics
-from proxy.refresh import Action, RefreshPolicy, backoff, decide, force_at, refreshed
+from proxy.refresh import (
+    Action,
+    Decision,
+    RefreshPolicy,
+    backoff,
+    decide,
+    force_at,
+    phase,
+    refreshed,
+)
 from proxy.store import TokenStore
 from proxy.tokens import (
     Outcome,
@@ -66,9 +75,6 @@ def _long_backoff(policy: RefreshPolicy) -> RefreshPolicy:
     return dataclasses.replace(policy, backoff_base=30.0, backoff_cap=900.0)
 
 
-TokenGate = Callable[[str, float], Awaitable[object]]
-"""Awaited before each token call with (budget, longest wait): the rate limiter, since
-refreshes share the request budget."""
 _LOCK_MARGIN = 1.0
 """Seconds of the lock kept spare after the token call's own timeout."""
 
@@ -91,8 +97,20 @@ class OAuthCredential:
         self._proxy = proxy_settings
         self._store, self._session, self._metrics, self._clock = store, session, metrics, clock
         self._gate = gate
-        self._policy = RefreshPolicy(leeway=proxy_settings.refresh_leeway)
+        # A connection of an app is refreshed ahead only while it is used; a configured
+        # credential always (readiness and the single-credential setup depend on it).
+        self._policy = RefreshPolicy(
+            leeway=proxy_settings.refresh_leeway,
+            on_use=settings.app is not None,
+            idle_after=proxy_settings.refresh_idle_after,
+            keepalive=proxy_settings.keepalive_interval,
+        )
+        self._place = phase(self.name)
         self._jitter = random.random()  # noqa: S311 - spreading load, not security
+        self._last_used: float | None = None
+        """When a request last asked for the header here (the clock's time)."""
+        self._idle = False
+        """The refresher sleeps until a keep-alive or a use: the next use wakes it."""
         self.record: TokenRecord | None = None
         self.listener: Listener | None = None
         self._header: tuple[str, str] | None = None
@@ -126,8 +144,11 @@ class OAuthCredential:
     async def header(self) -> tuple[str, str]:
         if self.unreadable is not None:
             raise RecordUnreadable(self.unreadable)
+        now = self._last_used = self._clock()
+        if self._idle:
+            self._wake.set()  # used again: the refresher plans ahead from now on
         record, header = self.record, self._header
-        if header is not None and record is not None and self._clock() < record.expires_at:
+        if header is not None and record is not None and now < record.expires_at:
             return header
         return await self._wait_for_token()
 
@@ -385,13 +406,8 @@ class OAuthCredential:
         """Refresh ahead of expiry, forever; cancelled at shutdown."""
         while True:
             self._wake.clear()
-            decision = decide(
-                self.record,
-                self._clock(),
-                self._policy,
-                jitter=self._jitter,
-                retry_at=self._retry_at,
-            )
+            decision = self._decide(self.record, retry_at=self._retry_at)
+            self._idle = decision.action is Action.IDLE
             if decision.action is Action.REFRESH:
                 try:
                     await self._single_flight(force_generation=None)
@@ -399,10 +415,23 @@ class OAuthCredential:
                     log.exception("token.refresh.crashed", credential=self.name)
                     self._transient_failure(TokenEndpointUnavailable(type(exc).__name__))
                 continue
-            timeout = decision.at - self._clock() if decision.action is Action.WAIT else None
+            timeout = None
+            if decision.action in (Action.WAIT, Action.IDLE) and math.isfinite(decision.at):
+                timeout = decision.at - self._clock()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _decide(self, record: TokenRecord | None, *, retry_at: float = 0.0) -> Decision:
+        return decide(
+            record,
+            self._clock(),
+            self._policy,
+            place=self._place,
+            offset=self._jitter,
+            retry_at=retry_at,
+            last_used=self._last_used,
+        )
 
     async def refresh_now(self) -> TokenRecord | None:
         """Force one refresh through the lock (the `token refresh` command)."""
@@ -486,10 +515,10 @@ class OAuthCredential:
                 await self.reload()
         if self.unreadable is not None:
             return
-        record, now = self.record, self._clock()
+        record = self.record
         if record is None or record.refresh_token is None:
             return
-        due = decide(record, now, self._policy, jitter=self._jitter).action is Action.REFRESH
+        due = self._decide(record).action is Action.REFRESH
         if not due and force_generation != record.generation:
             return  # another replica refreshed while we waited for the lock
         if record.state is not State.OK:

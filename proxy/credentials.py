@@ -1,27 +1,72 @@
 """What the request path needs from a connection's credential, and the static API-key kind.
 
 OAuth credentials, which refresh and share their token, live in `proxy.coordinator`.
+
+An API key never refreshes, but Cloudbeds expires one unused for 30 days, so an idle key
+is kept alive (with a `KeepAlive`): between half a `CBPROXY_KEEPALIVE_INTERVAL` and one
+after its last use in the fleet (`store.last_used`, read once when the local timer fires),
+at the connection's phase (`proxy.refresh.keepalive_after`; the first look is within an
+hour of start, after its first minute, so restarts never postpone it), one replica makes a
+cheap authenticated call (`GET {upstream}/api/v1.3/getHotels` with `x-api-key`) under the
+store's lock for the connection, through the same rate gate as token calls, and records
+it as a use (`store.touch`). A failure is retried with backoff and logged without the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import dataclasses
+import random
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 import structlog
 
+from proxy import cloudbeds
+from proxy.clock import Clock
 from proxy.config import CredentialSettings
-from proxy.errors import ConnectionDisconnected, NoUsableToken, RecordUnreadable, StoreUnavailable
+from proxy.errors import (
+    ConnectionDisconnected,
+    NoUsableToken,
+    ProxyError,
+    RecordUnreadable,
+    StoreUnavailable,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+)
 from proxy.events import Event
 from proxy.logs import hold_secrets, register_secret
-from proxy.store import TokenStore
+from proxy.refresh import RefreshPolicy, backoff, grid_point, keepalive_after, phase
+from proxy.store import TokenStore, held
 from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve
 
 log = structlog.get_logger("proxy.credentials")
 Listener = Callable[[str, tuple[str, ...]], None]
 """Told (connection id, properties) whenever a credential adopts a record."""
+TokenGate = Callable[[str, float], Awaitable[object]]
+"""Awaited before each token call (and keep-alive) with (budget, longest wait): the rate
+limiter, since the proxy's own calls share the request budget."""
+_KEEPALIVE_BACKOFF = RefreshPolicy(backoff_base=30.0, backoff_cap=3600.0)
+"""A failed keep-alive is tried again from 30 s on, up to hourly: it has weeks to succeed."""
+_LOCK_MARGIN = 1.0
+_FIRST_LOOK = 3600.0
+_FIRST_LOOK_AFTER = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAlive:
+    """What an API key's keep-alive needs: where to call, how often, and the shared gate."""
+
+    session: aiohttp.ClientSession
+    url: str
+    """An authenticated call that costs Cloudbeds little: `{upstream}/api/v1.3/getHotels`."""
+    interval: float
+    timeout: float
+    lock_ttl: float
+    clock: Clock
+    gate: TokenGate | None = None
 
 
 class Credential(Protocol):
@@ -69,8 +114,13 @@ class Credential(Protocol):
 class ApiKeyCredential:
     """A static `x-api-key`: never refreshed. From the configuration, or a stored connection's."""
 
-    def __init__(self, settings: CredentialSettings, store: TokenStore) -> None:
+    def __init__(
+        self, settings: CredentialSettings, store: TokenStore, *, keepalive: KeepAlive | None = None
+    ) -> None:
         self.name, self.settings, self._store = settings.name, settings, store
+        self._keepalive = keepalive
+        self._last_used = 0.0
+        self._wake = asyncio.Event()
         self.record: TokenRecord | None = None
         self.listener: Listener | None = None
         self._unsaved: tuple[TokenRecord, tuple[Event, ...]] | None = None
@@ -95,6 +145,8 @@ class ApiKeyCredential:
             )
         if record is None or record.access_token is None or record.state is not State.OK:
             raise NoUsableToken(f"connection {self.name!r} has no API key", retry_after=60)
+        if self._keepalive is not None:
+            self._last_used = self._keepalive.clock()
         return ("x-api-key", record.access_token)
 
     async def rejected(self, header: tuple[str, str]) -> bool:
@@ -145,7 +197,83 @@ class ApiKeyCredential:
         self.unreadable = exc.message
 
     async def run(self) -> None:
-        await asyncio.Event().wait()
+        """Keep the key alive while it is idle (see the top of this module); else nothing."""
+        keep = self._keepalive
+        if keep is None:
+            await asyncio.Event().wait()
+            return
+        place, attempt = phase(self.name), 0
+        # The first look soon after start (a minute on, spread over up to an hour by the
+        # phase): a fleet restarted more often than the interval must still see the key
+        # come due, and a start is no burst of reads.
+        first = min(keep.interval / 2, _FIRST_LOOK)
+        settle = min(first / 2, _FIRST_LOOK_AFTER)
+        at = grid_point(place, first, keep.clock() + settle + first)
+        while True:
+            self._wake.clear()
+            delay = at - keep.clock()
+            if delay > 0:  # woken early (a test's clock moved): look at the clock again
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                continue
+            try:
+                at = await self._keep_alive(keep, place)
+                attempt = 0
+            except (ProxyError, TokenEndpointError) as exc:  # the store or Cloudbeds: later
+                reason = exc.message if isinstance(exc, ProxyError) else exc.reason
+                delay = backoff(attempt, _KEEPALIVE_BACKOFF, random.random())  # noqa: S311
+                attempt += 1
+                at = keep.clock() + delay
+                log.warning(
+                    "api_key.keepalive.failed",
+                    credential=self.name,
+                    reason=reason,
+                    retry_in=round(delay, 2),
+                    attempt=attempt,
+                )
+
+    async def _last_use(self) -> float:
+        """The latest use of the key anywhere in the fleet (or its creation)."""
+        fleet = (await self._store.last_used([self.name])).get(self.name, 0.0)
+        created = self.record.created_at if self.record else None
+        return max(fleet, self._last_used, created or 0.0)
+
+    async def _keep_alive(self, keep: KeepAlive, place: float) -> float:
+        """Call Cloudbeds with the key if it is due (once in the fleet); the next moment."""
+        due = keepalive_after(await self._last_use(), place, keep.interval)
+        if keep.clock() < due:
+            return due
+        async with held(self._store.lock(self.name, keep.lock_ttl)) as mine:
+            if not mine:  # another replica is at it: its use shows up in last_used
+                return keep.clock() + keep.lock_ttl
+            due = keepalive_after(await self._last_use(), place, keep.interval)
+            if keep.clock() < due:
+                return due
+            await self._call(keep)
+            now = keep.clock()
+            self._last_used = now
+            # Under the lock: a replica that takes it next reads this use, not the older.
+            await self._store.touch({self.name: now})
+        log.info("api_key.keepalive.ok", credential=self.name)
+        return keepalive_after(now, place, keep.interval)
+
+    async def _call(self, keep: KeepAlive) -> None:
+        record = self.record
+        if record is None or record.access_token is None or record.state is not State.OK:
+            raise NoUsableToken(f"connection {self.name!r} has no API key to keep alive")
+        if keep.gate is not None:
+            await keep.gate(
+                self.settings.budget, max(0.0, keep.lock_ttl - keep.timeout - _LOCK_MARGIN)
+            )
+        header = ("x-api-key", record.access_token)
+        status, _ = await cloudbeds.call(
+            keep.session, "GET", keep.url, timeout=keep.timeout, header=header
+        )
+        if not 200 <= status < 300:
+            raise TokenEndpointUnavailable(
+                f"the keep-alive call answered HTTP {status}", status=status
+            )
 
     async def reload(self) -> None:
         if self.settings.api_key is not None:

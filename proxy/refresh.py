@@ -1,13 +1,41 @@
 """When to refresh: a pure function of (record, now, policy). It awaits nothing.
 
-Rules (DESIGN.md, "The token lifecycle"):
+Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
 - No record, or no refresh token: nothing to do until someone authorises (`NEEDS_AUTH`).
 - `reauthorization_required` or `disconnected`: nothing is retried until a new
   authorisation arrives. An API key never refreshes.
-- Otherwise refresh at `expires_at - leeway - jitter`: jitter only ever makes it earlier.
-  The leeway is capped at half the token's lifetime, so a short-lived token (tests, or a
-  leeway set larger than Cloudbeds' lifetime) is still refreshed once per lifetime, not
-  continuously.
+- The leeway is capped at half the token's lifetime (`expires_at - refreshed_at`), so a
+  short-lived token (tests, or a leeway set larger than Cloudbeds' lifetime) is still
+  refreshed once per lifetime, not continuously.
+- A token is refreshed on a fleet-wide grid: each connection has a stable phase
+  `phase(name)` in [0, 1) (a SHA-256 of its name: the same on every replica and every
+  run), and the grid has the period C = lifetime - leeway. The refresh is at the latest
+  grid point t = phase * C (mod C) with t <= expires_at - leeway, that is the one grid
+  point in (refreshed_at, refreshed_at + C]. In steady state that is one token call per C
+  per connection, always at the same phase; tokens issued at one instant (an import, a
+  cold start) have their first refreshes spread uniformly over one cycle instead of
+  landing together. A grid point within `margin` (min(1 s, C / 10)) after the token was
+  issued is skipped for `expires_at - leeway`: a token is never refreshed right after it
+  was issued, and it joins the grid a cycle later.
+- Each replica adds its own `offset` in [0, 1) times that margin, so that replicas do not
+  ask for the lock at the same instant: the first refreshes, the others see the new
+  record. The offset makes a refresh at most `margin` later than the grid point: the
+  refresh that starts after its grid point is what keeps the next one on the grid.
+- A token whose lifetime is unknown (no `refreshed_at`) keeps the older rule:
+  `expires_at - leeway - phase * min(max_jitter, leeway / 5)`.
+- Refresh what is used (`on_use`, a connection of an app): ahead of expiry only while the
+  connection was used on this replica within `idle_after` seconds (default: one lifetime of
+  the record). An idle one is `IDLE` until its keep-alive; its next request refreshes it
+  (a record with no access token, such as an import of a refresh token alone, makes no
+  token call until then). One exception: a record with neither an access token nor known
+  properties is refreshed at once, since its properties come with its first token and no
+  request could find it by property before. A configured credential is always refreshed
+  ahead.
+- Keep-alive (`keepalive_after`): an idle connection is refreshed between half an interval
+  and an interval after its `refreshed_at` (never refreshed: its `created_at`), at the
+  grid point of period `keepalive / 2` and the same phase in that span: one replica does
+  it, like any refresh, and an idle fleet's keep-alives are spread like its refreshes.
+  An API key is kept alive the same way after its last use (`proxy.credentials`).
 - After a transient failure, the next try waits a capped exponential backoff with jitter.
 - A forced refresh (after a 401) is allowed only while the rejected token is the current
   one and the last refresh is older than `min_forced_interval`: a storm of 401s makes one
@@ -23,14 +51,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import math
 
 from proxy.tokens import Kind, State, TokenRecord
+
+DEFAULT_LIFETIME = 3600.0
+"""Cloudbeds' access-token lifetime, for a record that does not say its own."""
+KEEPALIVE = 7 * 24 * 3600.0
 
 
 class Action(enum.Enum):
     NEEDS_AUTH = "needs_auth"
     BLOCKED = "reauthorization_required"
     WAIT = "wait"
+    IDLE = "idle"
+    """Not used lately: nothing until `at` (its keep-alive; inf for none) or a request."""
     REFRESH = "refresh"
 
 
@@ -38,24 +74,95 @@ class Action(enum.Enum):
 class Decision:
     action: Action
     at: float = 0.0
-    """For WAIT: the moment to look again."""
+    """For WAIT and IDLE: the moment to look again (inf: only when woken)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RefreshPolicy:
     leeway: float = 300.0
     max_jitter: float = 30.0
+    max_offset: float = 1.0
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     min_forced_interval: float = 5.0
     forced_again_after: float = 900.0
+    on_use: bool = False
+    """Refresh ahead only while used (a connection of an app); else always."""
+    idle_after: float | None = None
+    """Seconds without a use after which a connection is idle; None: one token lifetime."""
+    keepalive: float = KEEPALIVE
 
 
-def refresh_time(record: TokenRecord, policy: RefreshPolicy, jitter: float) -> float:
-    """When this replica should start refreshing; `jitter` is uniform in [0, 1)."""
-    lifetime = record.expires_at - (record.refreshed_at or record.expires_at)
-    leeway = min(policy.leeway, lifetime / 2) if lifetime > 0 else policy.leeway
-    return record.expires_at - leeway - jitter * min(policy.max_jitter, leeway / 5)
+def phase(name: str) -> float:
+    """A connection's stable place on the grid, in [0, 1): the same on every replica."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def lifetime(record: TokenRecord) -> float | None:
+    """Seconds the record's token lives (`expires_at - refreshed_at`), if known."""
+    if record.refreshed_at is None:
+        return None
+    span = record.expires_at - record.refreshed_at
+    return span if span > 0 else None
+
+
+def grid_point(place: float, period: float, latest: float) -> float:
+    """The latest moment t <= `latest` with t = place * period (mod period)."""
+    anchor = place * period
+    return anchor + math.floor((latest - anchor) / period) * period
+
+
+def _on_grid(place: float, period: float, issued: float, latest: float, offset: float) -> float:
+    """The grid point in (issued + margin, latest], else `latest`; plus the offset."""
+    margin = min(1.0, period / 10)
+    at = grid_point(place, period, latest)
+    if at <= issued + margin or at > latest:  # too soon after issue, or float rounding
+        at = latest
+    return at + offset * margin
+
+
+def refresh_time(
+    record: TokenRecord, policy: RefreshPolicy, place: float, offset: float = 0.0
+) -> float:
+    """When a used token should be refreshed (see the rules at the top)."""
+    span = lifetime(record)
+    if span is None:
+        leeway = policy.leeway
+        return record.expires_at - leeway - place * min(policy.max_jitter, leeway / 5)
+    leeway = min(policy.leeway, span / 2)
+    latest = record.expires_at - leeway
+    assert record.refreshed_at is not None
+    return _on_grid(place, span - leeway, record.refreshed_at, latest, offset * policy.max_offset)
+
+
+def keepalive_after(last: float, place: float, period: float, offset: float = 0.0) -> float:
+    """The keep-alive after a refresh or use at `last`: the grid point of period
+    `period / 2` (same phase) in (last + period / 2, last + period], plus the offset."""
+    half = period / 2
+    return _on_grid(place, half, last + half, last + period, offset)
+
+
+def keepalive_time(
+    record: TokenRecord, policy: RefreshPolicy, place: float, offset: float = 0.0
+) -> float:
+    """When an idle connection is refreshed to keep it alive; inf when its age is unknown."""
+    issued = record.refreshed_at if record.refreshed_at is not None else record.created_at
+    if issued is None:
+        return math.inf
+    return keepalive_after(issued, place, policy.keepalive, offset * policy.max_offset)
+
+
+def used(record: TokenRecord, now: float, policy: RefreshPolicy, last_used: float | None) -> bool:
+    """True when the record is refreshed ahead: always, or (`on_use`) when used lately."""
+    if not policy.on_use:
+        return True
+    if last_used is None:
+        return False
+    idle_after = policy.idle_after
+    if idle_after is None:
+        idle_after = lifetime(record) or DEFAULT_LIFETIME
+    return now - last_used < idle_after
 
 
 def decide(
@@ -63,15 +170,24 @@ def decide(
     now: float,
     policy: RefreshPolicy,
     *,
-    jitter: float = 0.0,
+    place: float = 0.0,
+    offset: float = 0.0,
     retry_at: float = 0.0,
+    last_used: float | None = None,
 ) -> Decision:
-    """What the background refresher should do now."""
+    """What the background refresher should do now.
+
+    `place` is the connection's `phase`, `offset` this replica's in [0, 1), `last_used`
+    when a request last used it here (None: never).
+    """
     if record is None or record.refresh_token is None:
         return Decision(Action.NEEDS_AUTH)
     if record.state is not State.OK or record.kind is Kind.API_KEY:
         return Decision(Action.BLOCKED)
-    due = 0.0 if record.access_token is None else refresh_time(record, policy, jitter)
+    if not used(record, now, policy, last_used) and (record.access_token or record.properties):
+        due = max(keepalive_time(record, policy, place, offset), retry_at)
+        return Decision(Action.REFRESH) if now >= due else Decision(Action.IDLE, at=due)
+    due = 0.0 if record.access_token is None else refresh_time(record, policy, place, offset)
     due = max(due, retry_at)
     if now >= due:
         return Decision(Action.REFRESH)

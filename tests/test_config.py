@@ -398,3 +398,31 @@ def test_a_malformed_redis_url_never_shows_its_password() -> None:
     assert str(info.value).startswith("CBPROXY_REDIS_URL:")
     assert "s3cr" not in str(info.value)
     assert "etPass" not in str(info.value)
+
+
+def test_refresh_scheduling_defaults() -> None:
+    settings = load()
+    assert settings.refresh_idle_after is None  # one lifetime of each connection's token
+    assert settings.keepalive_interval == 7 * 24 * 3600
+
+
+def test_refresh_scheduling_variables() -> None:
+    settings = load(CBPROXY_REFRESH_IDLE_AFTER="900", CBPROXY_KEEPALIVE_INTERVAL="86400")
+    assert (settings.refresh_idle_after, settings.keepalive_interval) == (900.0, 86400.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CBPROXY_REFRESH_IDLE_AFTER", "0", "greater than 0"),
+        ("CBPROXY_REFRESH_IDLE_AFTER", "soon", "could not convert"),
+        ("CBPROXY_KEEPALIVE_INTERVAL", "0", "greater than 0"),
+        ("CBPROXY_KEEPALIVE_INTERVAL", "-5", "greater than 0"),
+        ("CBPROXY_KEEPALIVE_INTERVAL", "inf", "finite"),
+        ("CBPROXY_KEEPALIVE_INTERVAL", "2592000", "30 days"),
+    ],
+)
+def test_refresh_scheduling_values_are_checked(variable: str, value: str, says: str) -> None:
+    message = error_for({**OAUTH, variable: value})
+    assert message.startswith(f"{variable}:")
+    assert says in message

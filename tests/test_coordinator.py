@@ -7,6 +7,7 @@ clock and wake the loop (`nudge`) instead of sleeping until a token expires.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from proxy.coordinator import OAuthCredential
 from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.metrics import Metrics
+from proxy.refresh import keepalive_time, phase, refresh_time
 from proxy.store import MemoryStore, RefreshLock, TokenStore
 from proxy.tokens import State, TokenRecord
 from tests.support import serve, settings_for
@@ -217,13 +219,24 @@ async def test_eight_hour_token_is_not_refreshed_after_one_hour(harness: Any) ->
     h = await harness()
     h.fake.expires_in = 8 * 3600
     credential = await h.started()
+    # The seed's token was issued off the grid: it is refreshed at its grid point, once.
+    assert credential.record is not None
+    first = refresh_time(credential.record, credential._policy, phase(NAME))
+    h.clock.value = first + 1
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
+    # On the grid now: the next refresh is one cycle (8 hours less the leeway) later.
     h.clock.advance(3 * 3600)
     nudge(credential)
     await settle()
-    assert h.calls == 1
-    h.clock.advance(5 * 3600 - 200)  # inside the 300 s leeway
+    assert h.calls == 2
+    h.clock.value = first + 8 * 3600 - 300 - 1
     nudge(credential)
-    await settle(lambda: h.calls == 2)
+    await settle()
+    assert h.calls == 2
+    h.clock.advance(3)  # past the grid point and this replica's offset of under a second
+    nudge(credential)
+    await settle(lambda: h.calls == 3)
 
 
 async def test_proactive_refresh_before_expiry_keeps_serving_the_old_token(harness: Any) -> None:
@@ -561,3 +574,126 @@ async def test_a_store_that_does_not_answer_is_waited_for_while_the_token_has_ti
     await settle(lambda: h.calls == 2)
     assert h.calls == 2
     assert credential.status()["unsaved"] is True
+
+
+# -- refresh what is used; keep-alives -------------------------------------------------------
+
+CONNECTION = "alpha.property.1001"
+WEEK = 7 * 24 * 3600.0
+
+
+def app_connection(h: Harness, **env: str) -> OAuthCredential:
+    """A connection of app `alpha`, imported with the fake's valid refresh token alone."""
+    settings = settings_for(h.url, **h._env, **env) if env else h.settings
+    configured = settings.credentials[0]
+    connection = dataclasses.replace(configured, name=CONNECTION, app="alpha", refresh_token=None)
+    assert h.session is not None
+    return OAuthCredential(
+        connection, settings, store=h.store, session=h.session, metrics=Metrics(), clock=h.clock
+    )
+
+
+async def imported(h: Harness, **env: str) -> OAuthCredential:
+    record = TokenRecord(
+        None, 0.0, "fake-refresh-token", 1, app="alpha", created_at=h.clock(), properties=("1",)
+    )
+    assert await h.store.put(CONNECTION, record)
+    credential = app_connection(h, **env)
+    await credential.start()
+    h.run(credential)
+    return credential
+
+
+async def test_an_imported_connection_makes_no_token_call_until_a_request(harness: Any) -> None:
+    h = await harness()
+    credential = await imported(h)
+    await settle()
+    h.clock.advance(2 * 24 * 3600)  # two idle days: still nothing
+    nudge(credential)
+    await settle()
+    assert h.calls == 0
+    name, value = await credential.header()  # the request waits for the one refresh
+    assert name == "Authorization"
+    assert value.removeprefix("Bearer ") in h.fake.valid_access_tokens()
+    assert h.calls == 1
+    assert await credential.header() == (name, value)
+    assert h.calls == 1
+
+
+async def test_a_used_connection_is_refreshed_ahead_and_an_idle_one_is_not(harness: Any) -> None:
+    h = await harness()
+    credential = await imported(h)
+    await credential.header()
+    assert h.calls == 1
+    record = credential.record
+    assert record is not None
+    due = refresh_time(record, credential._policy, phase(CONNECTION))
+    h.clock.value = due + 1  # used within a lifetime: refreshed ahead, at its grid point
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
+    assert credential._usable()
+    # No request since: at the next grid point it has been idle for over a lifetime.
+    h.clock.advance(3300 + 10)
+    nudge(credential)
+    await settle()
+    assert h.calls == 2
+    h.clock.advance(3600)  # the token expired, unrefreshed
+    nudge(credential)
+    await settle()
+    assert h.calls == 2
+    assert not credential._usable()
+    await credential.header()  # the next request refreshes it: one call
+    assert h.calls == 3
+
+
+async def test_refresh_idle_after_is_configurable(harness: Any) -> None:
+    h = await harness()
+    credential = await imported(h, CBPROXY_REFRESH_IDLE_AFTER="60")
+    await credential.header()
+    h.clock.advance(30)
+    await credential.header()  # used 30 s after the refresh
+    record = credential.record
+    assert record is not None
+    # A grid point inside the minute after that use is still "used"; later ones are not.
+    assert refresh_time(record, credential._policy, phase(CONNECTION)) > h.clock() + 60
+    h.clock.value = refresh_time(record, credential._policy, phase(CONNECTION)) + 1
+    nudge(credential)
+    await settle()
+    assert h.calls == 1
+
+
+async def test_an_idle_connection_is_kept_alive_once_per_interval(harness: Any) -> None:
+    h = await harness()
+    credential = await imported(h)
+    await credential.header()
+    assert h.calls == 1
+    for expected in (2, 3, 4):
+        record = credential.record
+        assert record is not None
+        assert record.refreshed_at is not None
+        at = keepalive_time(record, credential._policy, phase(CONNECTION), 0.999)
+        assert record.refreshed_at + WEEK / 2 < at <= record.refreshed_at + WEEK + 1
+        h.clock.value = at - 2
+        nudge(credential)
+        await settle()
+        assert h.calls == expected - 1  # idle, not due yet: nothing
+        h.clock.value = at
+        nudge(credential)
+        await settle(lambda n=expected: h.calls == n)  # type: ignore[misc]
+        await settle()
+        assert h.calls == expected  # one keep-alive, and it leaves the connection idle
+        if expected > 2:  # on the grid from the first keep-alive on: one interval apart
+            assert record.refreshed_at + WEEK - 2 < at < record.refreshed_at + WEEK + 2
+
+
+async def test_a_configured_credential_is_refreshed_ahead_without_requests(harness: Any) -> None:
+    h = await harness()
+    credential = h.credential()
+    await credential.start()
+    h.run(credential)
+    await settle(lambda: h.calls == 1)  # the seed: at once, no request needed
+    record = credential.record
+    assert record is not None
+    h.clock.value = refresh_time(record, credential._policy, phase(NAME)) + 1
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
