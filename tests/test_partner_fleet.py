@@ -701,6 +701,8 @@ async def test_sqlite_store_keeps_the_rotated_refresh_token_across_a_restart(
     name, first_generation = connection["id"], connection["generation"]
 
     async def rotated() -> Any:
+        # A connection of an app is refreshed ahead only while requests use it.
+        await hotels(session, proxy.url, {"X-PROPERTY-ID": "7001"})
         _, shown = await admin(session, "GET", proxy.url, name)
         return state.token_calls_by_client[client]["refresh_token"] >= 1 and (
             shown["connection"]["generation"] > first_generation
@@ -732,6 +734,7 @@ async def test_sqlite_store_keeps_the_rotated_refresh_token_across_a_restart(
     refreshes = state.token_calls_by_client[client]["refresh_token"]
 
     async def refreshed_again() -> Any:
+        await hotels(session, again.url, {"X-PROPERTY-ID": "7001"})  # in use: refreshed ahead
         return state.token_calls_by_client[client]["refresh_token"] > refreshes
 
     await eventually(refreshed_again, 10, "a refresh after the restart")
