@@ -409,6 +409,8 @@ class OAuthCredential:
             decision = self._decide(self.record, retry_at=self._retry_at)
             self._idle = decision.action is Action.IDLE
             if decision.action is Action.REFRESH:
+                if decision.keepalive:
+                    log.info("token.keepalive.due", credential=self.name)
                 try:
                     await self._single_flight(force_generation=None)
                 except Exception as exc:  # a bug must not end refreshing for good

@@ -75,6 +75,8 @@ class Decision:
     action: Action
     at: float = 0.0
     """For WAIT and IDLE: the moment to look again (inf: only when woken)."""
+    keepalive: bool = False
+    """For REFRESH: an idle connection's keep-alive, not a refresh of a used one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +188,9 @@ def decide(
         return Decision(Action.BLOCKED)
     if not used(record, now, policy, last_used) and (record.access_token or record.properties):
         due = max(keepalive_time(record, policy, place, offset), retry_at)
-        return Decision(Action.REFRESH) if now >= due else Decision(Action.IDLE, at=due)
+        if now >= due:
+            return Decision(Action.REFRESH, keepalive=True)
+        return Decision(Action.IDLE, at=due)
     due = 0.0 if record.access_token is None else refresh_time(record, policy, place, offset)
     due = max(due, retry_at)
     if now >= due:

@@ -295,7 +295,7 @@ def test_an_idle_connection_sleeps_until_its_keepalive() -> None:
     assert decision.at == keepalive_time(record, APP, 0.4)
     assert record.refreshed_at is not None
     assert record.refreshed_at + WEEK / 2 < decision.at <= record.refreshed_at + WEEK
-    assert decide(record, decision.at, APP, place=0.4).action is Action.REFRESH
+    assert decide(record, decision.at, APP, place=0.4) == Decision(Action.REFRESH, keepalive=True)
     # A failed keep-alive waits for its backoff.
     later = decision.at + 30
     assert decide(record, decision.at, APP, place=0.4, retry_at=later) == Decision(
