@@ -97,10 +97,12 @@ class OAuthCredential:
         self._proxy = proxy_settings
         self._store, self._session, self._metrics, self._clock = store, session, metrics, clock
         self._gate = gate
-        # A connection of an app is refreshed ahead only while it is used; a configured
-        # credential always (readiness and the single-credential setup depend on it).
+        # A connection of an app is refreshed on the fleet's grid, ahead only while it is
+        # used; a configured credential as it always was, ahead at expires_at - leeway -
+        # jitter (readiness and the single-credential setup depend on it).
         self._policy = RefreshPolicy(
             leeway=proxy_settings.refresh_leeway,
+            grid=settings.app is not None,
             on_use=settings.app is not None,
             idle_after=proxy_settings.refresh_idle_after,
             keepalive=proxy_settings.keepalive_interval,

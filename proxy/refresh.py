@@ -7,22 +7,26 @@ Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
 - The leeway is capped at half the token's lifetime (`expires_at - refreshed_at`), so a
   short-lived token (tests, or a leeway set larger than Cloudbeds' lifetime) is still
   refreshed once per lifetime, not continuously.
-- A token is refreshed on a fleet-wide grid: each connection has a stable phase
+- A connection of an app (`grid`) is refreshed on a fleet-wide grid: each has a stable phase
   `phase(name)` in [0, 1) (a SHA-256 of its name: the same on every replica and every
   run), and the grid has the period C = lifetime - leeway. The refresh is at the latest
   grid point t = phase * C (mod C) with t <= expires_at - leeway, that is the one grid
   point in (refreshed_at, refreshed_at + C]. In steady state that is one token call per C
   per connection, always at the same phase; tokens issued at one instant (an import, a
   cold start) have their first refreshes spread uniformly over one cycle instead of
-  landing together. A grid point within `margin` (min(1 s, C / 10)) after the token was
-  issued is skipped for `expires_at - leeway`: a token is never refreshed right after it
-  was issued, and it joins the grid a cycle later.
+  landing together. A grid point within `margin` (min(1 s, C / 10, leeway / 10)) after the
+  token was issued is skipped for `expires_at - leeway`: a token is never refreshed right
+  after it was issued, and it joins the grid a cycle later.
 - Each replica adds its own `offset` in [0, 1) times that margin, so that replicas do not
   ask for the lock at the same instant: the first refreshes, the others see the new
-  record. The offset makes a refresh at most `margin` later than the grid point: the
-  refresh that starts after its grid point is what keeps the next one on the grid.
-- A token whose lifetime is unknown (no `refreshed_at`) keeps the older rule:
-  `expires_at - leeway - phase * min(max_jitter, leeway / 5)`.
+  record. The offset makes a refresh at most `margin` later than the grid point (so never
+  later than `expires_at - 0.9 * leeway`): a refresh that starts at or after its grid
+  point is what keeps the next one on the grid (one that started before it would find
+  that same point again in its new token's cycle).
+- A configured credential (a handful, not a fleet: no grid), and a token whose lifetime is
+  unknown (no `refreshed_at`), keep the older rule: `expires_at - leeway - jitter`, where
+  the jitter (this replica's `offset` times min(max_jitter, leeway / 5)) only ever makes
+  it earlier.
 - Refresh what is used (`on_use`, a connection of an app): ahead of expiry only while the
   connection was used on this replica within `idle_after` seconds (default: one lifetime of
   the record). An idle one is `IDLE` until its keep-alive; its next request refreshes it
@@ -88,6 +92,8 @@ class RefreshPolicy:
     backoff_cap: float = 60.0
     min_forced_interval: float = 5.0
     forced_again_after: float = 900.0
+    grid: bool = True
+    """Refresh on the fleet-wide grid (connections of an app); else leeway and jitter."""
     on_use: bool = False
     """Refresh ahead only while used (a connection of an app); else always."""
     idle_after: float | None = None
@@ -115,9 +121,10 @@ def grid_point(place: float, period: float, latest: float) -> float:
     return anchor + math.floor((latest - anchor) / period) * period
 
 
-def _on_grid(place: float, period: float, issued: float, latest: float, offset: float) -> float:
-    """The grid point in (issued + margin, latest], else `latest`; plus the offset."""
-    margin = min(1.0, period / 10)
+def _on_grid(
+    place: float, period: float, issued: float, latest: float, *, offset: float, margin: float
+) -> float:
+    """The grid point in (issued + margin, latest], else `latest`; plus offset * margin."""
     at = grid_point(place, period, latest)
     if at <= issued + margin or at > latest:  # too soon after issue, or float rounding
         at = latest
@@ -129,20 +136,21 @@ def refresh_time(
 ) -> float:
     """When a used token should be refreshed (see the rules at the top)."""
     span = lifetime(record)
-    if span is None:
-        leeway = policy.leeway
-        return record.expires_at - leeway - place * min(policy.max_jitter, leeway / 5)
-    leeway = min(policy.leeway, span / 2)
-    latest = record.expires_at - leeway
+    leeway = min(policy.leeway, span / 2) if span is not None else policy.leeway
+    if span is None or not policy.grid:
+        return record.expires_at - leeway - offset * min(policy.max_jitter, leeway / 5)
+    period, latest = span - leeway, record.expires_at - leeway
+    margin = min(policy.max_offset, period / 10, leeway / 10)
     assert record.refreshed_at is not None
-    return _on_grid(place, span - leeway, record.refreshed_at, latest, offset * policy.max_offset)
+    return _on_grid(place, period, record.refreshed_at, latest, offset=offset, margin=margin)
 
 
 def keepalive_after(last: float, place: float, period: float, offset: float = 0.0) -> float:
     """The keep-alive after a refresh or use at `last`: the grid point of period
     `period / 2` (same phase) in (last + period / 2, last + period], plus the offset."""
     half = period / 2
-    return _on_grid(place, half, last + half, last + period, offset)
+    margin = min(1.0, half / 10)
+    return _on_grid(place, half, last + half, last + period, offset=offset, margin=margin)
 
 
 def keepalive_time(
@@ -152,7 +160,7 @@ def keepalive_time(
     issued = record.refreshed_at if record.refreshed_at is not None else record.created_at
     if issued is None:
         return math.inf
-    return keepalive_after(issued, place, policy.keepalive, offset * policy.max_offset)
+    return keepalive_after(issued, place, policy.keepalive, offset)
 
 
 def used(record: TokenRecord, now: float, policy: RefreshPolicy, last_used: float | None) -> bool:

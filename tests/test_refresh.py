@@ -146,6 +146,15 @@ def test_the_replicas_offset_is_at_most_a_second_after_the_grid_point(offset: fl
     assert NOW + 1000 <= at < NOW + 1000 + POLICY.max_offset
 
 
+@pytest.mark.parametrize("leeway", [0.0, 5.0, 300.0])
+def test_the_offset_never_eats_more_than_a_tenth_of_the_leeway(leeway: float) -> None:
+    policy = dataclasses.replace(POLICY, leeway=leeway)
+    for i in range(200):
+        record = token(age=i * 13 % 3600)
+        at = refresh_time(record, policy, phase(f"c{i}"), offset=0.999)
+        assert at <= record.expires_at - 0.9 * leeway
+
+
 def test_eight_hour_token_is_on_its_own_grid() -> None:
     period = 8 * 3600 - 300
     record = token(lifetime=8 * 3600)
@@ -166,7 +175,44 @@ def test_leeway_is_capped_at_half_the_lifetime(lifetime: float) -> None:
 def test_leeway_without_known_lifetime_is_the_configured_one() -> None:
     record = TokenRecord("a", NOW + 3600, "r", 1, refreshed_at=None)
     assert refresh_time(record, POLICY, 0.0) == NOW + 3600 - 300
-    assert NOW + 3600 - 330 < refresh_time(record, POLICY, 0.999) < NOW + 3600 - 300
+    assert NOW + 3600 - 330 < refresh_time(record, POLICY, 0.5, 0.999) < NOW + 3600 - 300
+
+
+# A configured credential (no grid) keeps expires_at - leeway - jitter.
+CONFIGURED = dataclasses.replace(POLICY, grid=False)
+
+
+def test_a_configured_credential_waits_until_expiry_minus_leeway() -> None:
+    record = token()
+    assert decide(record, NOW, CONFIGURED, place=0.3) == Decision(
+        Action.WAIT, at=record.expires_at - 300
+    )
+
+
+def test_a_configured_eight_hour_token_refreshes_leeway_before_its_own_expiry() -> None:
+    record = token(lifetime=8 * 3600)
+    assert refresh_time(record, CONFIGURED, 0.3) == NOW + 8 * 3600 - 300
+
+
+@pytest.mark.parametrize("lifetime", [60, 10, 1])
+def test_a_configured_credentials_leeway_is_capped_at_half_the_lifetime(lifetime: float) -> None:
+    record = token(lifetime=lifetime)
+    assert refresh_time(record, CONFIGURED, 0.3) == NOW + lifetime / 2
+    assert decide(record, NOW, CONFIGURED).action is Action.WAIT
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.25, 0.5, 0.999])
+def test_a_configured_credentials_jitter_only_makes_it_earlier(jitter: float) -> None:
+    record = token()
+    at = refresh_time(record, CONFIGURED, 0.3, jitter)
+    latest = record.expires_at - POLICY.leeway
+    assert latest - POLICY.max_jitter <= at <= latest
+
+
+def test_a_configured_credentials_jitter_is_bounded_by_a_fifth_of_a_small_leeway() -> None:
+    record = token(lifetime=60)  # leeway capped to 30 s, jitter to 6 s
+    assert refresh_time(record, CONFIGURED, 0.3, 0.999) >= NOW + 30 - 6
+    assert refresh_time(record, CONFIGURED, 0.3, 0.999) < NOW + 30
 
 
 def test_steady_state_is_one_refresh_per_cycle_at_the_same_phase() -> None:
