@@ -32,6 +32,7 @@ from proxy.forwarding import Forwarder
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.middleware import request_middleware, server_log
+from proxy.pacing import Pacer
 from proxy.ratelimit import Limiter, RateLimit
 from proxy.redis_store import RedisStore
 from proxy.registry import MakeCredential, Registry
@@ -261,9 +262,13 @@ def credential_factory(
         gate=gate,
     )
 
+    # One pacer per app: its connections' ahead-of-time refreshes are spread on this replica.
+    pacers: dict[str, Pacer] = {}
+
     def make(cred: CredentialSettings) -> Credential:
         if cred.kind is Kind.API_KEY:
             return ApiKeyCredential(cred, store, keepalive=keepalive)
+        pacer = pacers.setdefault(cred.budget, Pacer(clock)) if cred.app is not None else None
         return OAuthCredential(
             cred,
             settings,
@@ -274,6 +279,7 @@ def credential_factory(
             # A refresh counts against the budget but must not lose to a flood of
             # requests: it may wait for its slot as long as its lock outlives the call.
             gate=gate,
+            pacer=pacer,
         )
 
     return make

@@ -45,7 +45,9 @@ from proxy.errors import (
 from proxy.events import Event, EventType, new_event
 from proxy.logs import hold_secrets, register_secret
 from proxy.metrics import Metrics
+from proxy.pacing import Pacer
 from proxy.refresh import (
+    PACE_MAX_DELAY,
     Action,
     Decision,
     RefreshPolicy,
@@ -92,11 +94,12 @@ class OAuthCredential:
         metrics: Metrics,
         clock: Clock,
         gate: TokenGate | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.name, self.settings = settings.name, settings
         self._proxy = proxy_settings
         self._store, self._session, self._metrics, self._clock = store, session, metrics, clock
-        self._gate = gate
+        self._gate, self._pacer = gate, pacer
         # A connection of an app is refreshed on the fleet's grid, ahead only while it is
         # used; a configured credential as it always was, ahead at expires_at - leeway -
         # jitter (readiness and the single-credential setup depend on it).
@@ -413,6 +416,8 @@ class OAuthCredential:
             if decision.action is Action.REFRESH:
                 if decision.keepalive:
                     log.info("token.keepalive.due", credential=self.name)
+                if not await self._paced():
+                    continue
                 try:
                     await self._single_flight(force_generation=None)
                 except Exception as exc:  # a bug must not end refreshing for good
@@ -425,6 +430,15 @@ class OAuthCredential:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def _paced(self) -> bool:
+        """Wait for this replica's pacing slot if the token is still valid (`proxy.pacing`);
+        False when, meanwhile, the refresh is no longer due (another replica made it)."""
+        record, now = self.record, self._clock()
+        if self._pacer is None or record is None or not record.usable(now):
+            return True
+        await self._pacer.wait(min(PACE_MAX_DELAY, record.seconds_left(now) / 2))
+        return self._decide(self.record, retry_at=self._retry_at).action is Action.REFRESH
 
     def _decide(self, record: TokenRecord | None, *, retry_at: float = 0.0) -> Decision:
         return decide(

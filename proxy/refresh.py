@@ -27,6 +27,12 @@ Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
   unknown (no `refreshed_at`), keep the older rule: `expires_at - leeway - jitter`, where
   the jitter (this replica's `offset` times min(max_jitter, leeway / 5)) only ever makes
   it earlier.
+- Pacing (`paced`): however the phases of the connections in use happen to cluster, a
+  replica starts the ahead-of-time refreshes of one budget (an app) at most
+  `PACE_FACTOR` times as fast as they arrived lately (at least one a second), delaying one
+  by at most min(30 s, half the time its token has left): the delay moves it off its grid
+  point but not its next one. Replicas pace the same connections in the same order, so
+  the fleet's busiest second stays within about twice the mean.
 - Refresh what is used (`on_use`, a connection of an app): ahead of expiry only while the
   connection was used on this replica within `idle_after` seconds (default: one lifetime of
   the record). An idle one is `IDLE` until its keep-alive; its next request refreshes it
@@ -161,6 +167,30 @@ def keepalive_time(
     if issued is None:
         return math.inf
     return keepalive_after(issued, place, policy.keepalive, offset)
+
+
+PACE_FACTOR = 1.5
+"""A replica starts ahead-of-time refreshes of one budget at most this many times as fast
+as they have been arriving: with room for the estimate's error, a second then holds at
+most twice the mean."""
+PACE_MIN_RATE = 1.0
+PACE_MIN_ELAPSED = 10.0
+"""Seconds the rate is estimated over at least: a few first arrivals do not make it high."""
+PACE_MAX_DELAY = 30.0
+
+
+def pace_spacing(arrivals: int, elapsed: float) -> float:
+    """Seconds between two paced refreshes, from `arrivals` over the last `elapsed` s."""
+    rate = PACE_FACTOR * arrivals / max(elapsed, PACE_MIN_ELAPSED)
+    return 1.0 / max(PACE_MIN_RATE, rate)
+
+
+def paced(arrived: float, free_at: float, max_delay: float) -> float:
+    """When a refresh that came due at `arrived` may start, the next free slot being
+    `free_at`: that slot, unless it is more than `max_delay` away (then at once: pacing
+    never puts a token at risk)."""
+    start = max(arrived, free_at)
+    return start if start - arrived <= max_delay else arrived
 
 
 def used(record: TokenRecord, now: float, policy: RefreshPolicy, last_used: float | None) -> bool:

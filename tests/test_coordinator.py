@@ -22,6 +22,7 @@ from proxy.coordinator import OAuthCredential
 from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.metrics import Metrics
+from proxy.pacing import Pacer
 from proxy.refresh import keepalive_time, phase, refresh_time
 from proxy.store import MemoryStore, RefreshLock, TokenStore
 from proxy.tokens import State, TokenRecord
@@ -740,3 +741,38 @@ async def test_an_eight_hour_connection_of_an_app_follows_its_grid(harness: Any)
     h.clock.advance(3)  # past the grid point and this replica's offset of under a second
     nudge(credential)
     await settle(lambda: h.calls == 3)
+
+
+async def test_paced_refreshes_of_two_connections_both_happen(harness: Any) -> None:
+    h = await harness()
+    pacer = Pacer(h.clock)
+    credentials = []
+    for name in ("alpha.property.1", "alpha.property.2"):
+        record = TokenRecord(
+            None, 0.0, "fake-refresh-token", 1, app="alpha", created_at=h.clock(), properties=("1",)
+        )
+        assert await h.store.put(name, record)
+        settings = dataclasses.replace(
+            h.settings.credentials[0], name=name, app="alpha", refresh_token=None
+        )
+        assert h.session is not None
+        credential = OAuthCredential(
+            settings,
+            h.settings,
+            store=h.store,
+            session=h.session,
+            metrics=Metrics(),
+            clock=h.clock,
+            pacer=pacer,
+        )
+        await credential.start()
+        h.run(credential)
+        await credential.header()
+        credentials.append(credential)
+    assert h.calls == 2
+    h.clock.advance(3300 + 2)  # both past their grid points, tokens still valid
+    for credential in credentials:
+        await credential.header()
+        nudge(credential)
+    await settle(lambda: h.calls == 4)  # the second waited for its slot, then refreshed
+    assert all(c._usable() for c in credentials)

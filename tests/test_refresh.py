@@ -11,6 +11,8 @@ import math
 import pytest
 
 from proxy.refresh import (
+    PACE_FACTOR,
+    PACE_MAX_DELAY,
     Action,
     Decision,
     RefreshPolicy,
@@ -20,6 +22,8 @@ from proxy.refresh import (
     keepalive_after,
     keepalive_time,
     may_force,
+    pace_spacing,
+    paced,
     phase,
     refresh_time,
     refreshed,
@@ -400,3 +404,83 @@ def test_keepalives_of_connections_imported_together_are_spread() -> None:
     mean = 10_000 / (WEEK / 2 / 60)
     assert max(counts.values()) <= 6 * mean + 3  # a few per minute, never all at once
     assert max(firsts) - min(firsts) > WEEK / 2 - 3600
+
+
+# -- pacing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arrived", "free_at", "max_delay", "expected"),
+    [
+        (100.0, 0.0, 30.0, 100.0),  # the slot is free: at once
+        (100.0, 102.5, 30.0, 102.5),  # a crowded moment: the next free slot
+        (100.0, 131.0, 30.0, 100.0),  # too far: at once, never a token at risk
+        (100.0, 130.0, 30.0, 130.0),
+    ],
+)
+def test_paced_takes_the_next_free_slot_within_the_bound(
+    arrived: float, free_at: float, max_delay: float, expected: float
+) -> None:
+    assert paced(arrived, free_at, max_delay) == expected
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "elapsed", "spacing"),
+    [
+        (0, 0.0, 1.0),  # nothing known: one a second
+        (10, 100.0, 1.0),  # slower than one a second: still one a second at most apart
+        (30, 2.0, 1 / (PACE_FACTOR * 3)),  # estimated over 10 s at least
+        (1800, 600.0, 1 / (PACE_FACTOR * 3)),
+        (60_000, 600.0, 1 / (PACE_FACTOR * 100)),
+    ],
+)
+def test_pace_spacing_follows_the_recent_rate(
+    arrivals: int, elapsed: float, spacing: float
+) -> None:
+    assert pace_spacing(arrivals, elapsed) == pytest.approx(spacing)
+
+
+def paced_starts(dues: list[float], window: float = 600.0) -> list[float]:
+    """What one replica's pacer makes of refreshes coming due at `dues` (as `Pacer` does)."""
+    free_at, arrivals, starts = 0.0, collections.deque[float](), []
+    for due in sorted(dues):
+        arrivals.append(due)
+        while arrivals[0] < due - window:
+            arrivals.popleft()
+        start = paced(due, free_at, PACE_MAX_DELAY)
+        free_at = start + pace_spacing(len(arrivals), due - arrivals[0])
+        starts.append(start)
+    return starts
+
+
+@pytest.mark.parametrize("count", [10_000, 30_000, 100_000])
+def test_paced_refreshes_of_connections_issued_at_once_stay_within_twice_the_mean(
+    count: int,
+) -> None:
+    """The target: for N connections issued at one instant (an import, a cold start) the
+    busiest second of token calls is at most twice the mean, and each is still refreshed
+    long before its token expires."""
+    record = token()
+    dues = [
+        refresh_time(record, POLICY, phase(f"alpha.property.{100_000 + i}"), offset=(i % 7) / 7)
+        for i in range(count)
+    ]
+    starts = paced_starts(dues)
+    counts = collections.Counter(int(t - NOW) for t in starts)
+    mean = count / C
+    assert max(counts.values()) <= 2 * mean, (max(counts.values()), mean)
+    delays = [s - d for s, d in zip(starts, sorted(dues), strict=True)]
+    assert max(delays) < PACE_MAX_DELAY
+    assert max(starts) < record.expires_at - POLICY.leeway / 2
+
+
+def test_paced_steady_state_keeps_one_refresh_per_cycle() -> None:
+    """A refresh the pacer delayed still finds its next grid point one cycle on."""
+    place, issued = phase("alpha.property.1001"), NOW
+    starts = []
+    for cycle in range(10):
+        at = refresh_time(token(age=NOW - issued), POLICY, place, offset=0.5)
+        issued = at + (cycle % 3) * 2.5  # paced: up to 5 s late
+        starts.append(issued)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(C - 6 < gap < C + 6 for gap in gaps)
