@@ -31,8 +31,9 @@ Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
   replica starts the ahead-of-time refreshes of one budget (an app) at most
   `PACE_FACTOR` times as fast as they arrived lately (at least one a second), delaying one
   by at most min(30 s, half the time its token has left): the delay moves it off its grid
-  point but not its next one. Replicas pace the same connections in the same order, so
-  the fleet's busiest second stays within about twice the mean.
+  point but not its next one. On one replica the busiest second stays within twice the
+  mean; replicas pace independently (the first to start a refresh makes it), so a fleet
+  comes close to that without a bound.
 - Refresh what is used (`on_use`, a connection of an app): ahead of expiry only while the
   connection was used on this replica within `idle_after` seconds (default: one lifetime of
   the record). An idle one is `IDLE` until its keep-alive; its next request refreshes it
