@@ -241,6 +241,10 @@ class ApiKeyCredential:
 
     async def _keep_alive(self, keep: KeepAlive, place: float) -> float:
         """Call Cloudbeds with the key if it is due (once in the fleet); the next moment."""
+        record = self.record
+        if self.unreadable is not None or record is None or record.state is not State.OK:
+            # Nothing to keep alive (disconnected, no key, unreadable): look again later.
+            return keepalive_after(keep.clock(), place, keep.interval)
         due = keepalive_after(await self._last_use(), place, keep.interval)
         if keep.clock() < due:
             return due

@@ -20,7 +20,7 @@ from proxy.credentials import ApiKeyCredential, KeepAlive
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.refresh import keepalive_after, phase
 from proxy.store import MemoryStore
-from proxy.tokens import TokenRecord
+from proxy.tokens import State, TokenRecord
 from tests.support import serve
 
 NAME = "alpha.property.2001"
@@ -176,3 +176,15 @@ async def test_a_key_in_use_costs_one_read_per_half_interval_or_less(fleet: Flee
     assert fleet.store.reads >= 30 / 7
     assert fleet.store.reads <= 30 / 3.5 + 2
     assert fleet.keepalives() == 0
+
+
+async def test_a_disconnected_key_is_left_alone(fleet: Fleet, captured_logs: io.StringIO) -> None:
+    stored = await fleet.store.load(NAME)
+    assert stored is not None
+    gone = stored.successor(access_token=None, state=State.DISCONNECTED)
+    assert await fleet.store.put(NAME, gone)
+    await fleet.replica()
+    await fleet.at(fleet.clock() + 40 * 24 * 3600)
+    assert fleet.keepalives() == 0
+    assert fleet.store.reads == 0
+    assert "api_key.keepalive.failed" not in captured_logs.getvalue()
