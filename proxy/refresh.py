@@ -16,7 +16,7 @@ Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
   cold start) have their first refreshes spread uniformly over one cycle instead of
   landing together. A grid point within `margin` (min(1 s, C / 10, leeway / 10)) after the
   token was issued is skipped for `expires_at - leeway`: a token is never refreshed right
-  after it was issued, and it joins the grid a cycle later.
+  after it was issued, and the connection joins the grid at a later cycle.
 - Each replica adds its own `offset` in [0, 1) times that margin, so that replicas do not
   ask for the lock at the same instant: the first refreshes, the others see the new
   record. The offset makes a refresh at most `margin` later than the grid point (so never
