@@ -18,7 +18,7 @@ from proxy import logs
 from proxy.clock import FakeClock
 from proxy.config import Settings
 from proxy.coordinator import OAuthCredential
-from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreUnavailable
+from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreBusy, StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.metrics import Metrics
 from proxy.store import MemoryStore, RefreshLock, TokenStore
@@ -561,3 +561,29 @@ async def test_a_store_that_does_not_answer_is_waited_for_while_the_token_has_ti
     await settle(lambda: h.calls == 2)
     assert h.calls == 2
     assert credential.status()["unsaved"] is True
+
+
+class BusyStore(FlakyStore):
+    """Answers late while `down`: StoreBusy (a pool wait or a command timed out)."""
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreBusy("store is busy (test)")
+
+
+async def test_a_busy_store_never_leads_to_a_refresh_without_the_lock(harness: Any) -> None:
+    store = BusyStore()
+    h = await harness(store)
+    credential = await h.started()
+    assert h.calls == 1
+    store.down = True
+    h.clock.advance(3600 - 100)  # within half the leeway: an unreachable store would refresh
+    nudge(credential)
+    await settle()
+    assert h.calls == 1  # busy: the lock is tried again later, never skipped
+    assert credential.last_error == "the store was busy for the refresh lock"
+    store.down = False
+    h.clock.advance(60)  # past the backoff: the lock is there again
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
+    assert credential.status()["unsaved"] is False
