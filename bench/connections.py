@@ -5,12 +5,13 @@ lifetime) with one app, a private `redis-server`, and `--replicas` replicas of `
 sharing it with an `[apps.bench]` table. Imports `--connections` connections (one property
 each) through the admin API, concurrently and bounded, then reports:
 - time to ready and to route the last imported connection, on every replica (and, at the
-  end, for one replica restarted with every connection already in Redis);
+  end, for one replica restarted with every connection already in Redis, also the time
+  until its background load is done, from `/_proxy/status`);
 - RSS per replica after the import and at the end;
 - idle Redis commands per second by command, and idle CPU per replica;
 - token calls per connection per lifetime, duplicate calls for one generation, the
   busiest second of token calls over the mean;
-- `/_proxy/metrics` size and scrape time;
+- `/_proxy/metrics` size and scrape time, `/_proxy/readyz` and `/_proxy/status` times;
 - p50/p99 latency of routed requests (a paced loop over random connections).
 
     .venv/bin/python bench/connections.py --connections 1000 [--replicas 3]
