@@ -137,7 +137,12 @@ class Registry:
         return self._reread_first or self._rereading
 
     def _note(self, name: str) -> None:
-        """Count connection `name` under its current (app, state), and no longer under the old."""
+        """Count connection `name` under its current (app, state), and no longer under the old.
+
+        Called when a credential adopts a record (its listener) and when this registry makes,
+        reloads or drops one. A record that turns unreadable in a credential's own re-read
+        (its refresh) without a new record is counted so at the next feed entry for it.
+        """
         credential = self.connections.get(name)
         now: Counted | None = None
         if credential is not None and credential.settings.app is not None:
