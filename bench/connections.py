@@ -5,12 +5,13 @@ lifetime) with one app, a private `redis-server`, and `--replicas` replicas of `
 sharing it with an `[apps.bench]` table. Imports `--connections` connections (one property
 each) through the admin API, concurrently and bounded, then reports:
 - time to ready and to route the last imported connection, on every replica (and, at the
-  end, for one replica restarted with every connection already in Redis);
+  end, for one replica restarted with every connection already in Redis, also the time
+  until its background load is done, from `/_proxy/status`);
 - RSS per replica after the import and at the end;
 - idle Redis commands per second by command, and idle CPU per replica;
 - token calls per connection per lifetime, duplicate calls for one generation, the
   busiest second of token calls over the mean;
-- `/_proxy/metrics` size and scrape time;
+- `/_proxy/metrics` size and scrape time, `/_proxy/readyz` and `/_proxy/status` times;
 - p50/p99 latency of routed requests (a paced loop over random connections).
 
     .venv/bin/python bench/connections.py --connections 1000 [--replicas 3]
@@ -263,10 +264,24 @@ def quiet_redis(client: redis.Redis, timeout: float) -> float | None:
     return None
 
 
+async def loaded(session: aiohttp.ClientSession, proc: ProxyProcess, timeout: float):
+    """Seconds until `proc`'s background load of the stored connections is done (None:
+    never, or a replica without `/_proxy/status`)."""
+
+    async def check() -> bool:
+        async with session.get(proc.url + "/_proxy/status") as response:
+            if response.status != 200:
+                return False
+            return (await response.json()).get("load", {}).get("state") == "done"
+
+    return await poll_until(check, timeout, interval=0.05)
+
+
 async def start_replica(
     session: aiohttp.ClientSession, proc: ProxyProcess, last: int | None, timeout: float
 ) -> dict[str, Any]:
-    """Start one replica: seconds to readyz 200 and (given `last`) to routing it."""
+    """Start one replica: seconds to readyz 200, (given `last`) to routing it, and to the
+    end of its background load."""
     started = time.monotonic()
     await asyncio.to_thread(proc.start, timeout)
     ready = await poll_until(status_is(session, proc.url + "/_proxy/readyz", {}), timeout)
@@ -274,6 +289,8 @@ async def start_replica(
     if last is not None:
         routed = await routes(session, proc, last, timeout)
         out["routed"] = None if routed is None else time.monotonic() - started
+        done = await loaded(session, proc, timeout)
+        out["loaded"] = None if done is None else time.monotonic() - started
     return out
 
 
@@ -365,7 +382,18 @@ async def scrape_metrics(session: aiohttp.ClientSession, proc: ProxyProcess) -> 
     async with session.get(f"{proc.url}/_proxy/readyz") as response:
         await response.read()
     ready = time.perf_counter() - started
-    return {"bytes": len(body), "seconds": seconds, "series": series, "readyz": ready}
+    started = time.perf_counter()
+    async with session.get(f"{proc.url}/_proxy/status") as response:
+        status = len(await response.read())
+    status_seconds = time.perf_counter() - started
+    return {
+        "bytes": len(body),
+        "seconds": seconds,
+        "series": series,
+        "readyz": ready,
+        "status": status_seconds,
+        "status_bytes": status,
+    }
 
 
 async def latency_loop(
@@ -603,6 +631,10 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             ),
         )
         line("readyz answer time", ", ".join(ms(s["readyz"]) for s in scrapes))
+        line(
+            "status answer time",
+            ", ".join(f"{ms(s['status'])} ({s['status_bytes']} B)" for s in scrapes),
+        )
 
         loop = await latency_loop(session, replicas, n, args.rate, args.latency_seconds)
         quiet_from = time.time()
@@ -655,7 +687,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             line(
                 "restarted replica (N in redis)",
                 f"ready {secs(result['ready'])}, last connection routed {secs(result['routed'])}, "
-                f"RSS {mib([rss_mb(pid_of(again))])}",
+                f"all loaded {secs(result['loaded'])}, RSS {mib([rss_mb(pid_of(again))])}",
             )
             line(
                 "redis commands during the restart",

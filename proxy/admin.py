@@ -8,6 +8,9 @@ Rules (DESIGN.md, "Many properties"):
   (at most 500) and `?cursor=`, filtered by `?app=`, `?property=` and `?state=`. A page
   may hold fewer than `limit` connections when a filter drops some: follow `next_cursor`
   until it is null.
+- A page reads its own connections only (one page of the store's id index, then their
+  records in one round trip), never every record: `GET` costs the same at any number of
+  connections.
 - The work itself is `proxy.connections`; handlers parse, authorise and shape answers.
 """
 
@@ -78,15 +81,8 @@ async def listing(
         names = [n for n in await store.covering(prop) if cursor is None or n > cursor]
         chosen = names[:limit]
         following = chosen[-1] if len(names) > limit else None
-        pairs = []
-        for name in chosen:
-            try:
-                found = await store.load(name)
-            except RecordUnreadable as exc:
-                pairs.append((name, exc))
-                continue
-            if found is not None:
-                pairs.append((name, found))
+        found = await store.load_many(chosen)  # one round trip for the page
+        pairs = [(name, found[name]) for name in chosen if name in found]
     else:
         pairs, following = await store.page(app=app, cursor=cursor, limit=limit)
     pairs = [(n, r) for n, r in pairs if _matches(r, app, state)]

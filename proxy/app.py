@@ -57,6 +57,7 @@ def make_store(settings: Settings) -> TokenStore:
         prefix=settings.redis_prefix,
         cipher=cipher,
         replica_wait=settings.replica_wait,
+        pool_timeout=settings.redis_pool_timeout,
     )
 
 
@@ -82,6 +83,7 @@ def create_app(
     app.router.add_route("*", "/_proxy/healthz", endpoints.healthz)
     app.router.add_route("*", "/_proxy/readyz", endpoints.readyz)
     app.router.add_route("*", "/_proxy/metrics", endpoints.metrics)
+    app.router.add_route("*", "/_proxy/status", endpoints.status)
     app.router.add_route("*", "/_proxy/tokens", endpoints.tokens)
     # With CBPROXY_PUBLIC_PORT the install and callback paths are served only there (that
     # port faces the internet and forwards nothing); otherwise here, beside the API.
@@ -155,6 +157,8 @@ async def _runtime(
     settings: Settings, store: TokenStore, clock: Clock, metrics: Metrics | None
 ) -> AsyncIterator[Runtime]:
     metrics = metrics or Metrics()
+    if isinstance(store, RedisStore):
+        store.observe_pool(metrics.pool_wait)
     for secret in settings.secrets():
         register_secret(secret, configured=True)
     # Guarded: a pooled connection never carries one caller's answer to another, and a
@@ -187,6 +191,8 @@ async def _runtime(
     runtime.delivery = delivery
     tasks: set[asyncio.Task[None]] = set()
     try:
+        # Only the configured credentials before the listener opens: the stored connections
+        # load in the feed's task (its first step), while requests are already served.
         await registry.start()
         tasks.add(asyncio.create_task(registry.follow(), name="changes"))
         if store.shared:
@@ -196,15 +202,13 @@ async def _runtime(
             tasks.add(asyncio.create_task(delivery.run(), name="events"))
         log.info(
             "proxy.started",
-            connections=len(registry.connections),
+            configured=len(settings.credentials),
             apps=[a.name for a in settings.apps],
             store=type(store).__name__,
         )
         yield runtime
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
         # A refresh in flight may finish in what is left of the grace period, then it is
         # cancelled; either way its `finally` releases the lock before the store closes.
         now = asyncio.get_running_loop().time()
@@ -213,6 +217,22 @@ async def _runtime(
             await registry.flush_used()
         await session.close()
         await store.close()
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait for them; a task that took the cancel and went on is
+    cancelled again (redis-py can swallow a cancel that lands while it opens a connection,
+    and the feed's task talks to Redis from its first moment)."""
+    pending = set(tasks)
+    for _ in range(10):  # bounded: a task that ignores ten cancels is left to the loop's end
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if not pending:
+            break
+    else:
+        log.error("proxy.tasks.not_cancelled", tasks=sorted(t.get_name() for t in pending))
+    await asyncio.gather(*(tasks - pending), return_exceptions=True)
 
 
 def _delivery(

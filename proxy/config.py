@@ -134,6 +134,8 @@ class Settings:
     redis_prefix: str = "cbproxy"
     replica_wait: float = 1.0
     """Seconds a record write waits for a Redis replica to acknowledge it (`WAIT`)."""
+    redis_pool_timeout: float = 2.0
+    """Seconds a Redis command waits for a free pooled connection before StoreBusy."""
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     refresh_leeway: float = 300.0
     refresh_idle_after: float | None = None
@@ -301,6 +303,7 @@ PROXY_FIELDS: dict[str, Callable[[str], Any]] = {
     "redis_url": _redis_url,
     "redis_prefix": _prefix,
     "replica_wait": _replica_wait,
+    "redis_pool_timeout": _bound,
     "encryption_key": _fernet_keys,
     "refresh_leeway": _positive(float),
     "refresh_idle_after": _bound,

@@ -37,6 +37,7 @@ from proxy.errors import (
     ProxyError,
     ReauthorizationRequired,
     RecordUnreadable,
+    StoreBusy,
     StoreUnavailable,
     TokenEndpointUnavailable,
     TokenEndpointUnrecognised,
@@ -293,10 +294,14 @@ class OAuthCredential:
         self._unsaved, self._unsaved_events, self._unsaved_write = record, events, write
         log.warning("token.write.deferred", credential=self.name, generation=record.generation)
 
-    async def start(self) -> None:
-        """Load the stored record, seeding or recovering it from CBPROXY_REFRESH_TOKEN."""
+    async def start(self, record: TokenRecord | None = None) -> None:
+        """Load the stored record, seeding or recovering it from CBPROXY_REFRESH_TOKEN.
+
+        `record`: the stored record as the caller just read it (a page of the registry's
+        load), so that it is not read a second time.
+        """
         try:
-            stored = await self._store.load(self.name)
+            stored = record if record is not None else await self._store.load(self.name)
         except StoreUnavailable as exc:
             log.warning("store.unavailable.at_start", credential=self.name, error=exc.message)
             stored = None
@@ -485,14 +490,21 @@ class OAuthCredential:
         self._lock_until = asyncio.get_running_loop().time() + self._proxy.lock_ttl
         try:
             acquired = await lock.acquire()
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self._metrics.redis_errors.labels("lock").inc()
-            if force_generation is None and not self._must_refresh_alone():
-                # A store that does not answer now may be busy, not gone: while the token
-                # has time left, try the lock again later. Refreshing unlocked on every
-                # replica at once is the duplicate call the lock exists to prevent.
+            busy = isinstance(exc, StoreBusy)
+            if busy or (force_generation is None and not self._must_refresh_alone()):
+                # A store that answers late (StoreBusy) is there: another replica may hold
+                # the lock, so never refresh without it; try again after the backoff. One
+                # that does not answer may be busy too: while the token has time left, the
+                # same. Refreshing unlocked on every replica at once is the duplicate call
+                # the lock exists to prevent.
                 self._transient_failure(
-                    TokenEndpointUnavailable("the store did not answer for the refresh lock")
+                    TokenEndpointUnavailable(
+                        "the store was busy for the refresh lock"
+                        if busy
+                        else "the store did not answer for the refresh lock"
+                    )
                 )
                 return
             log.warning("token.refresh.without_lock", credential=self.name)

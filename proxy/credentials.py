@@ -98,8 +98,9 @@ class Credential(Protocol):
     def unsaved(self) -> bool:
         """A record waits to be written back (the store was down when it was made)."""
 
-    async def start(self) -> None:
-        """Load (or seed) the credential's record before the first request."""
+    async def start(self, record: TokenRecord | None = None) -> None:
+        """Load (or seed) the credential's record before the first request; `record` is
+        the stored one when the caller has just read it (not read again then)."""
 
     async def run(self) -> None:
         """Background work until cancelled."""
@@ -187,7 +188,10 @@ class ApiKeyCredential:
             state = "store_unreadable"
         return {"kind": Kind.API_KEY.value, "state": state}
 
-    async def start(self) -> None:
+    async def start(self, record: TokenRecord | None = None) -> None:
+        if record is not None:
+            self.adopt(record)  # read by the caller just now: no second read
+            return
         with contextlib.suppress(StoreUnavailable):
             await self.reload()
 

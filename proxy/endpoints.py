@@ -2,17 +2,25 @@
 
 `healthz` is liveness and touches nothing. `readyz` checks the store and every configured
 credential (connections of apps are counted by state, not checked: one property that must
-re-authorise does not take the fleet out of service). `tokens` shows state, never a
-secret. `oauth/start` and `oauth/callback` bootstrap a configured OAuth credential
-(Cloudbeds quickstart, steps 3 and 4); `apps/{app}/install` and `apps/{app}/callback` make
-connections of an app. A `state` is issued here, kept in the store (single use, 10
-minutes) and bound to what it authorises; a callback with any other state is refused
-before any token call. A callback with no state (or the app's `marketplace_state`) is a
-Cloudbeds Marketplace install.
+re-authorise does not take the fleet out of service). Its cost does not grow with the
+number of connections: the counts are the registry's, kept as credentials change. A store
+that answers late (`StoreBusy`) is reported but does not fail readiness: requests never
+wait for the store. Readiness does not wait for the background load of the stored
+connections either: while it runs, a request for a connection not loaded yet is looked up
+in the store (`Registry.find`); `load` in the answer says how far it is. `status` is the
+same at a glance: counts by app and state, the configured credentials in full, the load,
+and where to page through the connections themselves (the admin API); it never lists them.
+`tokens` shows state, never a secret. `oauth/start` and `oauth/callback` bootstrap a
+configured OAuth credential (Cloudbeds quickstart, steps 3 and 4); `apps/{app}/install`
+and `apps/{app}/callback` make connections of an app. A `state` is issued here, kept in
+the store (single use, 10 minutes) and bound to what it authorises; a callback with any
+other state is refused before any token call. A callback with no state (or the app's
+`marketplace_state`) is a Cloudbeds Marketplace install.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import os
@@ -31,6 +39,7 @@ from proxy.errors import (
     AuthorizationFailed,
     InvalidState,
     ProxyError,
+    StoreBusy,
     StoreUnavailable,
     TokenEndpointError,
 )
@@ -55,6 +64,8 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await runtime.store.ping()
             checks["store"] = {"ok": True, "detail": "reachable"}
+        except StoreBusy as exc:  # slow, not gone: requests do not wait for the store
+            checks["store"] = {"ok": True, "detail": exc.message}
         except StoreUnavailable as exc:
             checks["store"] = {"ok": False, "detail": exc.message}
     else:
@@ -64,11 +75,46 @@ async def readyz(request: web.Request) -> web.Response:
         ok, detail = connections[cred.name].ready()
         checks[f"credential:{cred.name}"] = {"ok": ok, "detail": detail}
     ready = all(check["ok"] for check in checks.values())
-    counts: dict[str, dict[str, int]] = {}
-    for (app, state), count in runtime.registry.counts().items():
-        counts.setdefault(app, {})[state] = count
-    body = {"ready": ready, "checks": checks, "connections": counts}
+    body = {
+        "ready": ready,
+        "checks": checks,
+        "connections": _counts(runtime),
+        "load": runtime.registry.progress.view(_now()),
+    }
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def status(request: web.Request) -> web.Response:
+    """The replica at a glance; one connection's detail is the admin API's, paged."""
+    runtime = _runtime(request)
+    connections = runtime.registry.connections
+    credentials = {
+        cred.name: {
+            **connections[cred.name].status(),
+            "rate_limit": runtime.limiter.describe(cred.budget),
+        }
+        for cred in runtime.settings.credentials
+    }
+    body = {
+        "load": runtime.registry.progress.view(_now()),
+        "connections": _counts(runtime),
+        "credentials": credentials,
+        "listing": "GET /_proxy/admin/connections?limit=&cursor= (admin token; ?app=, "
+        "?property=, ?state= narrow it; follow next_cursor)",
+    }
+    return web.json_response(body)
+
+
+def _counts(runtime: Runtime) -> dict[str, dict[str, int]]:
+    """Connections of apps by app and state: the registry's counts, not a loop over them."""
+    counts: dict[str, dict[str, int]] = {}
+    for (app, state), count in sorted(runtime.registry.counts().items()):
+        counts.setdefault(app, {})[state] = count
+    return counts
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def metrics(request: web.Request) -> web.Response:

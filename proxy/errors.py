@@ -27,6 +27,8 @@
     ├── NoUsableToken (503 no_usable_token)
     │   └── ReauthorizationRequired (503 reauthorization_required)
     ├── StoreUnavailable (503 store_unavailable)
+    │   ├── StoreBusy (503 store_busy)               it answers, but not in time: a pool
+    │   │                                            wait or a command timed out
     │   └── WriteNotReplicated (503 write_not_replicated)  the master took it, no replica did
     ├── RecordUnreadable (503 record_unreadable)      wrong encryption key, corruption
     └── UpstreamTimeout (504 upstream_timeout)
@@ -160,6 +162,20 @@ class ReauthorizationRequired(NoUsableToken):
 class StoreUnavailable(ProxyError):
     status, code = 503, "store_unavailable"
     retry_after = 5.0
+
+
+class StoreBusy(StoreUnavailable):
+    """The store is there but slow: no pooled connection came free in time, or a command
+    outlived its socket timeout.
+
+    A kind of StoreUnavailable, so every caller that keeps serving from memory and writes
+    back later does so here too; but not an outage: nothing that exists to survive a
+    missing store (a refresh without the lock, readiness failing) follows from it. The
+    caller tries again shortly.
+    """
+
+    code = "store_busy"
+    retry_after = 1.0
 
 
 class UpstreamTimeout(ProxyError):

@@ -147,7 +147,7 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         caller = self._callers.identify(request.headers)
-        credential = self._registry.route(request.headers, request.query)
+        credential = await self._registry.find(request.headers, request.query)
         request[EXCHANGE].credential = credential.name
         if caller is not None:
             self._callers.check(caller, credential)

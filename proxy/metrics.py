@@ -4,6 +4,10 @@ Labels are credential names, app names (`app:NAME` for the connections of an app
 methods, status classes, states and error codes: never a secret, never a path (paths carry
 reservation and guest ids), never a connection id (their number grows with installs).
 Event metrics carry only an outcome label, never an event id.
+
+Nothing here grows with the number of connections: `cbproxy_connections{app, state}` is
+read from counts the registry keeps as credentials change (no loop over connections per
+scrape), and one connection's detail is the admin API's (`GET /_proxy/admin/connections/ID`).
 """
 
 from __future__ import annotations
@@ -78,6 +82,17 @@ class Metrics:
         self.redis_errors = Counter(
             "cbproxy_redis_errors", "Failed store operations", ["operation"], registry=r
         )
+        self.redis_pool_wait = Histogram(
+            "cbproxy_redis_pool_wait_seconds",
+            "Time a Redis command waited for a pooled connection (connecting included)",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+        )
+        self.redis_pool_timeouts = Counter(
+            "cbproxy_redis_pool_timeouts",
+            "Redis commands that found no pooled connection within CBPROXY_REDIS_POOL_TIMEOUT",
+            registry=r,
+        )
         self.ratelimit_admitted = Counter(
             "cbproxy_ratelimit_admitted", "Requests admitted at once", ["credential"], registry=r
         )
@@ -109,6 +124,12 @@ class Metrics:
             "(0 on the others; at most one read's batch)",
             registry=r,
         )
+
+    def pool_wait(self, seconds: float, timed_out: bool) -> None:
+        """One wait for a pooled Redis connection (the store's pool observer)."""
+        self.redis_pool_wait.observe(seconds)
+        if timed_out:
+            self.redis_pool_timeouts.inc()
 
     def count_connections(self, counts: ConnectionCounts) -> None:
         """`cbproxy_connections{app, state}`, computed from `counts` at each scrape."""

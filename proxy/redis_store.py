@@ -24,7 +24,12 @@ Per connection, in the connection's own slot (single-key commands only):
                                     connection has no record yet, never written
 
 Every redis exception is translated here, once, into `StoreUnavailable`, whose message
-never carries the URL (it may hold a password) or a token.
+never carries the URL (it may hold a password) or a token. A store that answers late is
+`StoreBusy` (a kind of StoreUnavailable): no pooled connection came free within
+`pool_timeout` (CBPROXY_REDIS_POOL_TIMEOUT), or a command outlived the socket timeout. Only
+a store that cannot be reached (refused, reset, unknown host, a connect that timed out) is
+the plain StoreUnavailable that the outage rules (a refresh without the lock, readiness
+failing) answer to.
 
 Replicas. A master acknowledges a write before its replicas have it; if it dies then, the
 replica Sentinel promotes holds the previous record, whose refresh token Cloudbeds may have
@@ -44,7 +49,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -59,9 +65,9 @@ from redis.exceptions import LockError, RedisClusterException, RedisError, Respo
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.crypto import TokenCipher
-from proxy.errors import StoreUnavailable, WriteNotReplicated
+from proxy.errors import RecordUnreadable, StoreBusy, StoreUnavailable, WriteNotReplicated
 from proxy.events import Event
-from proxy.store import STATE_TTL, Page, RecordCodec, readable
+from proxy.store import STATE_TTL, Batch, Page, RecordCodec, flatten, readable
 from proxy.tokens import TokenRecord
 
 log = structlog.get_logger(__name__)
@@ -177,6 +183,8 @@ FEED_LENGTH = 100_000
 """Feed entries kept (about): a follower further behind than this rereads everything."""
 _FEED_BLOCK_MS = 1000
 """How long one read of the feed waits for news; below the socket timeout."""
+_FEED_BATCH = 500
+"""Feed entries one read returns at most: the records of a batch are read in one trip."""
 
 REPLICA_WAIT = 1.0
 """Seconds a record write waits for a replica to acknowledge it (CBPROXY_REPLICA_WAIT)."""
@@ -255,8 +263,62 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port) if port else _SENTINEL_PORT
 
 
+POOL_TIMEOUT = 2.0
+"""Seconds a command waits for a free pooled connection (CBPROXY_REDIS_POOL_TIMEOUT)."""
+
+PoolObserver = Callable[[float, bool], None]
+"""Told (seconds waited for a pooled connection, whether the wait timed out)."""
+
+
+class PoolTimeout(RedisError):
+    """No pooled connection came free within the pool's timeout: Redis is busy, not gone."""
+
+
+class _TimedPool(BlockingConnectionPool):
+    """The bounded pool, its waits timed and a wait that timed out told apart.
+
+    redis-py reports a pool wait that timed out as a ConnectionError, the class it also
+    uses for a refused connection; here it is a `PoolTimeout`, so it translates to
+    StoreBusy rather than to an outage.
+    """
+
+    observer: PoolObserver | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        timed_out = False
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if not isinstance(exc.__cause__, TimeoutError):  # a connect that failed
+                raise
+            timed_out = True
+            raise PoolTimeout(f"no pooled connection within {self.timeout}s") from exc
+        finally:
+            if self.observer is not None:
+                self.observer(time.monotonic() - started, timed_out)
+
+
+def _busy(exc: BaseException) -> bool:
+    """A store that answers late, as opposed to one that cannot be reached."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if isinstance(exc, RedisTimeoutError):
+        # redis-py raises TimeoutError for a connect that timed out too: that one is a
+        # store that cannot be reached (a firewall dropping packets), not a slow one.
+        return not str(exc).startswith("Timeout connecting")
+    # asyncio's and the socket's own timeouts on a command (socket.timeout is TimeoutError).
+    return isinstance(exc, TimeoutError)
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
     # Only the exception's type: redis messages name hosts and may echo arguments.
+    if _busy(exc):
+        return StoreBusy(
+            f"Redis is busy ({type(exc).__name__}: no answer in time); the call is tried "
+            "again shortly and requests keep using the token in memory; if it lasts, "
+            "raise CBPROXY_REDIS_POOL_TIMEOUT or look at Redis' latency"
+        )
     unreachable = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
     what = "unreachable" if unreachable else "command failed"
     return StoreUnavailable(
@@ -346,14 +408,15 @@ class RedisStore:
         cipher: TokenCipher | None = None,
         socket_timeout: float = 2.0,
         max_connections: int = 64,
-        pool_timeout: float = 5.0,
+        pool_timeout: float = POOL_TIMEOUT,
         replica_wait: float = REPLICA_WAIT,
     ) -> RedisStore:
         """A store for CBPROXY_REDIS_URL. Connects lazily: call `ping()` to check.
 
         The pool is bounded and waits (up to `pool_timeout`) for a free connection: a busy
-        store is a slow store, not a missing one. A write waits for a replica at most
-        `replica_wait` seconds, and at most half `socket_timeout`.
+        store is a slow store, not a missing one, and a wait that runs out is StoreBusy.
+        A write waits for a replica at most `replica_wait` seconds, and at most half
+        `socket_timeout`.
         """
         target = parse_redis_url(url)
         # The answer to a WAIT may come `replica_wait` late: it must fit in the socket timeout.
@@ -379,10 +442,16 @@ class RedisStore:
         assert target.url is not None
         if target.kind == "cluster":
             return cls(RedisCluster.from_url(target.url, **options), **extra)
-        pool = BlockingConnectionPool.from_url(
+        pool = _TimedPool.from_url(
             target.url, max_connections=max_connections, timeout=pool_timeout, **options
         )
         return cls(aioredis.Redis.from_pool(pool), **extra)
+
+    def observe_pool(self, observer: PoolObserver) -> None:
+        """Tell `observer` of every wait for a pooled connection (standalone Redis only)."""
+        pool = getattr(self.client, "connection_pool", None)
+        if isinstance(pool, _TimedPool):
+            pool.observer = observer
 
     def key(self, name: str, suffix: str) -> str:
         """`{prefix}:{cred:<name>}:<suffix>`: one connection's own slot (lock, limiter)."""
@@ -397,6 +466,22 @@ class RedisStore:
             if raw is None:
                 raw = await self.client.hget(self.key(name, "record"), "data")
         return None if raw is None else self._codec.decode(name, raw)
+
+    async def load_many(self, names: Sequence[str]) -> dict[str, TokenRecord | RecordUnreadable]:
+        """Many records in one round trip (a pipeline of HGETs); the old layout only for
+        the ids that have no record in the new one (a second round trip, if any)."""
+        unique = list(dict.fromkeys(names))
+        with _redis_errors():
+            raws = dict(zip(unique, await self._hget_many(unique), strict=True))
+            missing = [n for n, raw in raws.items() if raw is None]
+            if missing:
+                pipe = self.client.pipeline(transaction=False)
+                for name in missing:
+                    pipe.hget(self.key(name, "record"), "data")
+                raws.update(zip(missing, await pipe.execute(), strict=True))
+        return {
+            n: self._codec.decode_or_error(n, raw) for n, raw in raws.items() if raw is not None
+        }
 
     async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
         b = self.base
@@ -488,21 +573,30 @@ class RedisStore:
             entries = await self.client.xrevrange(self.base + "feed", count=1)
         return _text(entries[0][0]) if entries else "0-0"
 
-    async def changes(self, since: str) -> AsyncGenerator[tuple[str, str | None], None]:
+    def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
         """(position, id) for each write after `since`; raises StoreUnavailable on a break."""
+        return flatten(self.change_batches(since))
+
+    async def change_batches(self, since: str) -> AsyncGenerator[Batch, None]:
+        """The writes after `since`, one XREAD (up to `_FEED_BATCH` entries) at a time."""
         feed, last = self.base + "feed", since
         with _redis_errors():
             if last != "0-0" and not await self.client.xrange(feed, last, last):
                 oldest = await self.client.xrange(feed, count=1)
                 if oldest and _stream_id(_text(oldest[0][0])) > _stream_id(last):
-                    yield last, None  # our position was trimmed away: entries were lost
+                    yield [(last, None)]  # our position was trimmed away: entries were lost
         while True:
             with _redis_errors():
-                answer: Any = await self.client.xread({feed: last}, count=500, block=_FEED_BLOCK_MS)
+                answer: Any = await self.client.xread(
+                    {feed: last}, count=_FEED_BATCH, block=_FEED_BLOCK_MS
+                )
             for _, entries in answer or ():
+                batch: Batch = []
                 for entry_id, fields in entries:
                     last = _text(entry_id)
-                    yield last, _text(fields.get(b"id", fields.get("id", b"")))
+                    batch.append((last, _text(fields.get(b"id", fields.get("id", b"")))))
+                if batch:
+                    yield batch
 
     async def save_state(self, state: str, data: Mapping[str, str]) -> None:
         with _redis_errors():

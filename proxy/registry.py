@@ -1,10 +1,21 @@
 """Every connection this replica serves, found by id or by property, kept current from the store.
 
-- At start: the configured credentials (`[credentials.NAME]`, `CBPROXY_*`), then every
-  stored connection of a configured app, page by page.
+- At start: only the configured credentials (`[credentials.NAME]`, `CBPROXY_*`): they are
+  few, and nothing per stored connection runs before the listener opens. The stored
+  connections of configured apps then load in the background (`follow`), one store read
+  per page; each page's record is handed to its credential (`start(record)`), never read
+  again. `progress` says how far it is (the status page shows it).
+- While the load runs (and while a reread after lost feed entries runs), a request whose
+  connection is not in memory yet is looked up in the store (`find`: by id with `load`, by
+  property with `covering`), single-flight per id or property, and its connection made
+  then: routing is right before the load ends, and a miss after it is answered from memory.
 - Then the store's change feed: a connection written anywhere in the fleet (an install, an
-  import, a refresh, a delete) is created or reloaded here within a feed read. A follower
-  that lost entries (its position was trimmed away) rereads every record once.
+  import, a refresh, a delete) is created or reloaded here within a feed read. The feed is
+  read in batches; the records of a batch are read with one `load_many`, and its entries
+  applied in feed order. A follower that lost entries (its position was trimmed away)
+  rereads every record once.
+- Counts by (app, state) are kept as credentials change (`counts`): a scrape or a
+  readiness check reads a small dictionary, never every connection.
 - Routing (DESIGN.md, "Routing a request"): `X-Cloudbeds-Connection` (or
   `X-Cloudbeds-Credential`), else `X-PROPERTY-ID` (its first id), else the `propertyID` or
   first `propertyIDs` query parameter, else `default` (or the first configured credential
@@ -25,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 
 from proxy.clock import Clock
-from proxy.config import DEFAULT_CREDENTIAL, CredentialSettings, Settings
+from proxy.config import CONNECTION_ID, DEFAULT_CREDENTIAL, CredentialSettings, Settings
 from proxy.credentials import Credential
 from proxy.errors import (
     AmbiguousProperty,
@@ -42,12 +55,42 @@ from proxy.errors import (
 )
 from proxy.headers import APP_SELECTOR, CONNECTION_SELECTORS
 from proxy.metrics import Metrics
-from proxy.store import TokenStore
+from proxy.store import Batch, TokenStore
 from proxy.tokens import TokenRecord
 
 log = structlog.get_logger("proxy.registry")
 MakeCredential = Callable[[CredentialSettings], Credential]
 _PAGE = 500
+_YIELD_EVERY = 100
+"""Connections made between two turns of the loop while loading: requests go on meanwhile."""
+Counted = tuple[str, str]
+"""(app, state) of a connection of an app, as `cbproxy_connections` counts it."""
+
+
+@dataclasses.dataclass
+class LoadStatus:
+    """How far the background load of the stored connections is (the status page's)."""
+
+    state: str = "pending"
+    """pending (not begun: the store did not answer yet), loading, or done."""
+    loaded: int = 0
+    """Stored records read so far by this load."""
+    started: float | None = None
+    finished: float | None = None
+    """Loop times; the view shows the seconds between them."""
+
+    def view(self, now: float) -> dict[str, Any]:
+        end = self.finished if self.finished is not None else now
+        seconds = None if self.started is None else round(end - self.started, 3)
+        return {"state": self.state, "loaded": self.loaded, "seconds": seconds}
+
+
+def state_of(credential: Credential) -> str:
+    """The state `status()` reports, without building the status: O(1) for the counts."""
+    if getattr(credential, "unreadable", None) is not None:
+        return "store_unreadable"
+    record = credential.record
+    return record.state.value if record is not None else "not_authorized"
 
 
 class Registry:
@@ -72,17 +115,56 @@ class Registry:
         self._unknown_apps: set[str] = set()
         self._resumed = asyncio.Event()
         self._reread_first = False
+        self._rereading = False
+        self.progress = LoadStatus()
+        self._lookups: dict[str, asyncio.Task[None]] = {}
+        self._counts: dict[Counted, int] = {}
+        self._counted: dict[str, Counted] = {}
         metrics.count_connections(self.counts)
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        """Connections of apps by (app, state), for the metrics and the status page."""
-        counts: dict[tuple[str, str], int] = {}
-        for credential in self.connections.values():
-            app = credential.settings.app
-            if app is not None:
-                state = credential.status()["state"]
-                counts[app, state] = counts.get((app, state), 0) + 1
-        return counts
+    def counts(self) -> dict[Counted, int]:
+        """Connections of apps by (app, state), for the metrics and the status page.
+
+        Kept as credentials adopt records and change state (`_note`): the cost of a scrape
+        does not grow with the number of connections.
+        """
+        return dict(self._counts)
+
+    @property
+    def loading(self) -> bool:
+        """Stored connections may be missing from memory: the load (or a reread) is due or
+        running, so a route miss asks the store before it answers 404."""
+        return self._reread_first or self._rereading
+
+    def _note(self, name: str) -> None:
+        """Count connection `name` under its current (app, state), and no longer under the old.
+
+        Called when a credential adopts a record (its listener) and when this registry makes,
+        reloads or drops one. A record that turns unreadable in a credential's own re-read
+        (its refresh) without a new record is counted so at the next feed entry for it.
+        """
+        credential = self.connections.get(name)
+        now: Counted | None = None
+        if credential is not None and credential.settings.app is not None:
+            now = (credential.settings.app, state_of(credential))
+        before = self._counted.pop(name, None)
+        if now is not None:
+            self._counted[name] = now
+        if before == now:
+            return
+        if before is not None:
+            left = self._counts[before] - 1
+            if left:
+                self._counts[before] = left
+            else:
+                del self._counts[before]
+        if now is not None:
+            self._counts[now] = self._counts.get(now, 0) + 1
+
+    def _adopted(self, name: str, properties: tuple[str, ...]) -> None:
+        """A credential adopted a record: the property index and the counts follow."""
+        self._index(name, properties)
+        self._note(name)
 
     @property
     def default(self) -> Credential | None:
@@ -93,45 +175,94 @@ class Registry:
         return found
 
     async def start(self) -> None:
-        """Configured credentials first, then every stored connection of a configured app."""
-        try:
-            self._position = await self._store.position()
-        except StoreUnavailable as exc:
-            log.warning("store.unavailable.at_start", error=exc.message)
+        """The configured credentials; the stored connections load in `follow`, after.
+
+        Nothing here reads per stored connection: a replica listens (and is ready) as soon
+        as its configured credentials are, whatever the number of connections.
+        """
         for cred in self._settings.credentials:
             await self._add(cred, None)
-        try:
-            await self.reread()
-        except StoreUnavailable:
-            self._reread_first = True  # the feed starts with a reread once the store is back
+        self._reread_first = True  # the feed starts with the load: its position, then pages
 
     async def reread(self) -> None:
-        """Every stored record once: at start, and when the change feed lost entries."""
-        cursor: str | None = None
-        while True:
-            records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
-            for name, record in records:
-                if isinstance(record, RecordUnreadable):
-                    log.error("connection.unreadable", connection=name, reason=record.message)
-                else:
-                    await self.apply(name, record)
-            if cursor is None:
-                return
+        """Every stored record once: the load at start, and when the feed lost entries."""
+        loop = asyncio.get_running_loop()
+        self._rereading = True
+        first = self.progress.state != "done"
+        if first:
+            self.progress = LoadStatus("loading", 0, loop.time())
+        try:
+            cursor: str | None = None
+            while True:
+                records, cursor = await self._store.page(cursor=cursor, limit=_PAGE)
+                for i, (name, record) in enumerate(records, 1):
+                    if isinstance(record, RecordUnreadable):
+                        log.error("connection.unreadable", connection=name, reason=record.message)
+                    else:
+                        await self.apply(name, record)
+                    if first:
+                        self.progress.loaded += 1
+                    if i % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
+                if cursor is None:
+                    break
+        finally:
+            self._rereading = False
+        if first:
+            self.progress.state, self.progress.finished = "done", loop.time()
+            log.info(
+                "registry.loaded",
+                connections=self.progress.loaded,
+                seconds=round(self.progress.finished - (self.progress.started or 0.0), 3),
+            )
 
     async def changed(self, name: str) -> None:
         """The store reports a write of `name`: reload or create it here."""
+        found = await self._store.load_many([name])
+        await self._changed(name, found.get(name))
+
+    async def changed_batch(self, batch: Batch) -> bool:
+        """Apply a batch of feed entries in order, their records read in one round trip.
+
+        True when an entry says the feed lost entries (those after it are left: a reread
+        follows). A store that fails the read raises, and the position stays before the
+        batch, so the batch is read again.
+        """
+        cut = next((i for i, (_, name) in enumerate(batch) if name is None), len(batch))
+        entries = batch[:cut]
+        if entries:
+            found = await self._store.load_many([name for _, name in entries if name])
+            done: set[str] = set()
+            for position, name in entries:
+                assert name is not None
+                if name not in done:  # one record per id: the one stored now, the newest
+                    done.add(name)
+                    try:
+                        await self._changed(name, found.get(name))
+                    except StoreUnavailable:
+                        pass  # its own re-read failed: the next write of it, or a reread
+                    except Exception:  # one bad record must not end the feed for good
+                        log.exception("registry.change.crashed", connection=name)
+                self._position = position
+        return cut < len(batch)
+
+    async def _changed(self, name: str, found: TokenRecord | RecordUnreadable | None) -> None:
         credential = self.connections.get(name)
-        if credential is not None:
+        if credential is not None and (
+            isinstance(found, RecordUnreadable)
+            or credential.unsaved
+            or getattr(credential, "unreadable", None) is not None
+        ):
+            # Its own reload: a write-back first, or the unreadable state set or cleared.
             await credential.reload()
+            self._note(name)
             return
-        try:
-            record = await self._store.load(name)
-        except RecordUnreadable as exc:
+        if isinstance(found, RecordUnreadable):
             # The reason says which record and why; a traceback would add nothing.
-            log.error("store.record_unreadable", credential=name, reason=exc.message)  # noqa: TRY400
+            log.error("store.record_unreadable", credential=name, reason=found.message)
             return
-        if record is not None:
-            await self.apply(name, record)
+        if found is not None:
+            await self.apply(name, found)
 
     async def apply(self, name: str, record: TokenRecord) -> Credential | None:
         """Make `record` current for connection `name`, creating the connection if new."""
@@ -185,23 +316,27 @@ class Registry:
 
     async def _add(self, settings: CredentialSettings, record: TokenRecord | None) -> Credential:
         credential = self._make(settings)
-        credential.listener = self._index  # the property index follows every adopted record
-        if record is not None:
-            credential.adopt(record)
+        # The property index and the counts follow every adopted record.
+        credential.listener = self._adopted
         # Known before the first await: a feed entry or an admin call for the same id that
         # arrives while it starts finds it, rather than making a second one.
         self.connections[settings.name] = credential
-        await credential.start()
+        if record is not None:
+            credential.adopt(record)
+        # The record just read is handed over: a start reads the store only without one.
+        await credential.start(record)
         if not self._one_shot:
             self._tasks[settings.name] = asyncio.create_task(
                 credential.run(), name=f"refresh:{settings.name}"
             )
         self._index(settings.name, credential.properties)
+        self._note(settings.name)
         return credential
 
     async def _remove(self, name: str) -> None:
         self._index(name, ())  # routing never meets an id that is no longer there
         credential = self.connections.pop(name)
+        self._note(name)
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
@@ -233,18 +368,11 @@ class Registry:
                     self._position = await self._store.position()
                     await self.reread()
                     self._reread_first = False
-                async for position, name in self._store.changes(self._position):
+                async for batch in self._store.change_batches(self._position):
                     delay = 0.5
-                    if name is None:
+                    if await self.changed_batch(batch):
                         self._reread_first = True
                         break
-                    try:
-                        await self.changed(name)
-                    except StoreUnavailable:
-                        pass  # the next write of it, or a reread, brings it
-                    except Exception:  # one bad record must not end the feed for good
-                        log.exception("registry.change.crashed", connection=name)
-                    self._position = position
             except StoreUnavailable:
                 self._metrics.redis_errors.labels("feed").inc()
             else:
@@ -261,6 +389,60 @@ class Registry:
     def resume(self) -> None:
         """The store answers again: follow the feed now rather than after the backoff."""
         self._resumed.set()
+
+    async def find(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Credential:
+        """`route`, and while stored connections are still loading, the store for a miss.
+
+        A miss (or, by property, a disconnected connection that a live one, not loaded
+        yet, may replace) is looked up in the store, single-flight per id or property, and
+        routed again. After the load, `route` alone: dictionary lookups.
+        """
+        if not self.loading:
+            return self.route(headers, query)
+        name = next((headers[s] for s in CONNECTION_SELECTORS if s in headers), None)
+        try:
+            found = self.route(headers, query)
+        except (UnknownConnection, UnknownProperty):
+            found = None
+        if found is not None and (name is not None or state_of(found) != "disconnected"):
+            return found
+        if name is not None:
+            await self._once("id:" + name, lambda: self._fetch(name))
+        elif (prop := _property(headers, query)) is not None:
+            await self._once("property:" + prop, lambda: self._fetch_covering(prop))
+        return self.route(headers, query)
+
+    async def _once(self, key: str, lookup: Callable[[], Awaitable[None]]) -> None:
+        """One store lookup per key at a time; every request that misses on it awaits it."""
+        task = self._lookups.get(key)
+        if task is None:
+            task = asyncio.ensure_future(lookup())
+            self._lookups[key] = task
+            task.add_done_callback(functools.partial(self._looked_up, key))
+        await asyncio.shield(task)
+
+    def _looked_up(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._lookups.get(key) is task:
+            del self._lookups[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: its awaiters got it, or have gone
+
+    async def _fetch(self, name: str) -> None:
+        if name in self.connections or not CONNECTION_ID.fullmatch(name):
+            return
+        record = await self._store.load(name)
+        if record is not None and name not in self.connections:
+            await self._create(name, record)
+
+    async def _fetch_covering(self, prop: str) -> None:
+        names = [n for n in await self._store.covering(prop) if n not in self.connections]
+        if not names:
+            return
+        for name, record in (await self._store.load_many(names)).items():
+            if isinstance(record, RecordUnreadable):
+                log.error("connection.unreadable", connection=name, reason=record.message)
+            elif name not in self.connections:
+                await self._create(name, record)
 
     def route(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Credential:
         """The connection a request is for (see the rules at the top of this module)."""
@@ -319,6 +501,8 @@ class Registry:
             self._used = {**batch, **self._used}
 
     async def stop(self, timeout: float) -> None:
+        for lookup in list(self._lookups.values()):
+            lookup.cancel()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

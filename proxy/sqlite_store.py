@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 from proxy.clock import Clock, system_clock
 from proxy.crypto import TokenCipher
-from proxy.errors import StoreUnavailable
+from proxy.errors import RecordUnreadable, StoreUnavailable
 from proxy.events import Event
-from proxy.store import STATE_TTL, Page, RecordCodec, readable
+from proxy.store import STATE_TTL, Batch, Page, RecordCodec, flatten, readable
 from proxy.tokens import TokenRecord
 
 T = TypeVar("T")
@@ -128,6 +128,12 @@ class SqliteStore:
         )
         return None if row is None else self._codec.decode(name, row[0])
 
+    async def load_many(self, names: Sequence[str]) -> dict[str, TokenRecord | RecordUnreadable]:
+        """One query (per `_IN_CHUNK` ids: SQLite bounds the parameters of a statement)."""
+        unique = list(dict.fromkeys(names))
+        rows = await self._run(functools.partial(_records_of, unique))
+        return {n: self._codec.decode_or_error(n, raw) for n, raw in rows}
+
     async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
         data = self._codec.encode(record)
         return await self._run(lambda db: self._put(db, name, record, data, events))
@@ -186,17 +192,20 @@ class SqliteStore:
         row = await self._run(lambda db: db.execute("SELECT MAX(seq) FROM feed").fetchone())
         return str(row[0] or 0)
 
-    async def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+    def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+        return flatten(self.change_batches(since))
+
+    async def change_batches(self, since: str) -> AsyncIterator[Batch]:
         seen = int(since)
         oldest = await self._run(lambda db: db.execute("SELECT MIN(seq) FROM feed").fetchone())
         if seen and oldest[0] is not None and oldest[0] > seen + 1:
-            yield since, None  # entries after our position were trimmed away
+            yield [(since, None)]  # entries after our position were trimmed away
         while True:
             rows = await self._run(functools.partial(_feed_after, seen))
-            for seq, name in rows:
-                seen = seq
-                yield str(seq), name
-            if not rows:
+            if rows:
+                seen = rows[-1][0]
+                yield [(str(seq), name) for seq, name in rows]
+            else:
                 await asyncio.sleep(POLL_INTERVAL)
 
     async def save_state(self, state: str, data: Mapping[str, str]) -> None:
@@ -293,6 +302,20 @@ class SqliteStore:
         if self._db is not None:
             await self._run(close)
         self._executor.shutdown(wait=True)
+
+
+_IN_CHUNK = 500
+"""Ids per `IN (...)` query: below SQLite's oldest bound on a statement's parameters."""
+
+
+def _records_of(names: Sequence[str], db: sqlite3.Connection) -> list[Any]:
+    rows: list[Any] = []
+    for start in range(0, len(names), _IN_CHUNK):
+        chunk = names[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        query = f"SELECT id, data FROM records WHERE id IN ({marks})"  # noqa: S608
+        rows += db.execute(query, chunk).fetchall()
+    return rows
 
 
 def _feed_after(seen: int, db: sqlite3.Connection) -> list[Any]:

@@ -10,6 +10,8 @@ Three stores implement `TokenStore`: this in-process one (tests, and nothing per
 - Every successful `put` appends the connection id to the change feed; `changes()` follows
   it from a position, so a follower that lost its link resumes where it was. An id of
   `None` means "the feed lost entries you had not read: reread everything".
+  `change_batches()` is the same feed as lists of entries, one store read each, so a
+  follower reads the records of a whole batch with one `load_many`.
 - An install state is single use and lives 10 minutes (`save_state`, `take_state`).
 - Outbox events are delivered by the one replica that holds the outbox lease.
 - Records are encoded by `RecordCodec`: with a cipher, tokens are ciphertext at rest.
@@ -37,6 +39,10 @@ log = structlog.get_logger("proxy.store")
 STATE_TTL = 600.0
 """Seconds an install state lives: as long as the authorization code it protects."""
 _SECRET_FIELDS = ("access_token", "refresh_token")
+_FEED_BATCH = 500
+
+Batch = list[tuple[str, str | None]]
+"""(position, id) entries of the change feed that one read returned, in feed order."""
 
 Page = tuple[list[tuple[str, TokenRecord | RecordUnreadable]], str | None]
 """(id and record pairs in id order, the cursor of the next page or None). A record that
@@ -60,6 +66,10 @@ class TokenStore(Protocol):
     async def load(self, name: str) -> TokenRecord | None:
         """The stored record of connection `name`, or None."""
 
+    async def load_many(self, names: Sequence[str]) -> dict[str, TokenRecord | RecordUnreadable]:
+        """The stored records of `names` in one round trip: id -> record, or the reason it
+        cannot be read; an id with nothing stored is absent."""
+
     async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
         """Store `record` iff its generation exceeds the stored one, with `events`."""
 
@@ -79,6 +89,9 @@ class TokenStore(Protocol):
 
     def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
         """(position, id) for each write after `since`; id None: entries were lost."""
+
+    def change_batches(self, since: str) -> AsyncIterator[Batch]:
+        """The entries of `changes(since)`, as many at a time as one read of the feed gives."""
 
     async def save_state(self, state: str, data: Mapping[str, str]) -> None:
         """Keep an install state for `STATE_TTL` seconds."""
@@ -204,6 +217,13 @@ def readable(stored: Iterable[tuple[str, str | bytes | None]]) -> list[Event]:
     return events
 
 
+async def flatten(batches: AsyncIterator[Batch]) -> AsyncIterator[tuple[str, str | None]]:
+    """`changes()` from `change_batches()`: one entry at a time."""
+    async for batch in batches:
+        for entry in batch:
+            yield entry
+
+
 def after(names: Iterable[str], cursor: str | None, limit: int) -> tuple[list[str], str | None]:
     """One page of sorted `names` after `cursor`, and the next page's cursor."""
     chosen = sorted(n for n in names if cursor is None or n > cursor)
@@ -247,6 +267,9 @@ class MemoryStore:
     async def load(self, name: str) -> TokenRecord | None:
         return self._records.get(name)
 
+    async def load_many(self, names: Sequence[str]) -> dict[str, TokenRecord | RecordUnreadable]:
+        return {n: self._records[n] for n in names if n in self._records}
+
     async def put(self, name: str, record: TokenRecord, *, events: Sequence[Event] = ()) -> bool:
         current = self._records.get(name)
         if current is not None and record.generation <= current.generation:
@@ -274,14 +297,18 @@ class MemoryStore:
     async def position(self) -> str:
         return str(len(self._feed))
 
-    async def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+    def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
+        return flatten(self.change_batches(since))
+
+    async def change_batches(self, since: str) -> AsyncIterator[Batch]:
         seen = int(since)
         while True:
             async with self._grew:
                 await self._grew.wait_for(functools.partial(self._newer, seen))
-            while seen < len(self._feed):
-                seen += 1
-                yield str(seen), self._feed[seen - 1]
+            end = min(len(self._feed), seen + _FEED_BATCH)
+            batch: Batch = [(str(i + 1), self._feed[i]) for i in range(seen, end)]
+            seen = end
+            yield batch
 
     def _newer(self, seen: int) -> bool:
         return len(self._feed) > seen

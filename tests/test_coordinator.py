@@ -19,7 +19,7 @@ from proxy import logs
 from proxy.clock import FakeClock
 from proxy.config import Settings
 from proxy.coordinator import OAuthCredential
-from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreUnavailable
+from proxy.errors import NoUsableToken, ReauthorizationRequired, StoreBusy, StoreUnavailable
 from proxy.fake_cloudbeds import FakeCloudbeds, create_fake_app
 from proxy.metrics import Metrics
 from proxy.pacing import Pacer
@@ -776,3 +776,29 @@ async def test_paced_refreshes_of_two_connections_both_happen(harness: Any) -> N
         nudge(credential)
     await settle(lambda: h.calls == 4)  # the second waited for its slot, then refreshed
     assert all(c._usable() for c in credentials)
+
+
+class BusyStore(FlakyStore):
+    """Answers late while `down`: StoreBusy (a pool wait or a command timed out)."""
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreBusy("store is busy (test)")
+
+
+async def test_a_busy_store_never_leads_to_a_refresh_without_the_lock(harness: Any) -> None:
+    store = BusyStore()
+    h = await harness(store)
+    credential = await h.started()
+    assert h.calls == 1
+    store.down = True
+    h.clock.advance(3600 - 100)  # within half the leeway: an unreachable store would refresh
+    nudge(credential)
+    await settle()
+    assert h.calls == 1  # busy: the lock is tried again later, never skipped
+    assert credential.last_error == "the store was busy for the refresh lock"
+    store.down = False
+    h.clock.advance(60)  # past the backoff: the lock is there again
+    nudge(credential)
+    await settle(lambda: h.calls == 2)
+    assert credential.status()["unsaved"] is False

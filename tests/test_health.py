@@ -63,6 +63,8 @@ async def test_readiness_follows_redis(
     proxy = await start_proxy(settings)
     status, body = await get(proxy, "/_proxy/readyz")
     assert status == 200
+    load = body.pop("load")
+    assert load["state"] in ("loading", "done")  # ready does not wait for the load
     assert body == {
         "ready": True,
         "checks": {
@@ -163,3 +165,30 @@ async def test_tokens_page_shows_state_and_never_a_secret(
     assert len(secrets) == 3
     for secret in secrets:
         assert secret not in text
+
+
+async def test_a_busy_store_is_reported_but_does_not_fail_readiness(
+    fake_cloudbeds: Any, start_proxy: Any
+) -> None:
+    from proxy.errors import StoreBusy, StoreUnavailable
+    from proxy.store import MemoryStore
+
+    class SlowStore(MemoryStore):
+        shared = True
+        failure: StoreUnavailable | None = None
+
+        async def ping(self) -> None:
+            if self.failure is not None:
+                raise self.failure
+
+    _, fake_url = fake_cloudbeds
+    store = SlowStore()
+    proxy = await start_proxy(settings_for(fake_url), store=store)
+    store.failure = StoreBusy("Redis is busy (test)")
+    status, body = await get(proxy, "/_proxy/readyz")
+    assert status == 200
+    assert body["checks"]["store"] == {"ok": True, "detail": "Redis is busy (test)"}
+    store.failure = StoreUnavailable("Redis unreachable (test)")
+    status, body = await get(proxy, "/_proxy/readyz")
+    assert status == 503
+    assert body["checks"]["store"] == {"ok": False, "detail": "Redis unreachable (test)"}

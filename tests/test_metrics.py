@@ -199,3 +199,37 @@ async def test_lock_waits_and_lock_losses_are_counted(clocked: Clocked, start: A
     assert page.value("cbproxy_lock_losses_total", credential="default") == 1
     assert page.value("cbproxy_lock_waits_total", credential="default") == 1
     assert page.value("cbproxy_401_replays_total", credential="default", outcome="replayed") == 1
+
+
+async def test_the_page_does_not_grow_with_the_number_of_connections() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.config import AppSettings, Settings
+    from proxy.credentials import ApiKeyCredential
+    from proxy.metrics import Metrics
+    from proxy.registry import Registry
+    from proxy.tokens import Kind, TokenRecord
+
+    app = AppSettings("partner", "cid", "secret", "https://x/cb", delivery=Kind.API_KEY)
+
+    async def page_with(n: int) -> bytes:
+        store, metrics = MemoryStore(), Metrics()
+        settings = Settings(credentials=(), apps=(app,))
+
+        def make(cred: Any) -> ApiKeyCredential:
+            return ApiKeyCredential(cred, store)
+
+        registry = Registry(settings, store, make, metrics, FakeClock())
+        for i in range(n):
+            record = TokenRecord(
+                f"cbat_{i}", 0.0, None, 1, app="partner", kind=Kind.API_KEY, properties=(str(i),)
+            )
+            await registry.apply(f"partner.property.{i}", record)
+        body = generate_latest(metrics.registry)
+        await registry.stop(0)
+        return body
+
+    small, large = await page_with(10), await page_with(1000)
+    assert b'cbproxy_connections{app="partner",state="ok"} 1000.0' in large
+    assert len(small.splitlines()) == len(large.splitlines())  # the same series
+    assert len(large) - len(small) <= 4  # the count's digits, nothing more

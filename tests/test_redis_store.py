@@ -539,3 +539,75 @@ async def test_private_server_killed_then_restarted() -> None:
         await changes.aclose()
         await store.close()
         server.stop()
+
+
+@pytest.mark.redis
+async def test_real_load_many_reads_both_layouts_and_names_unreadable_records(
+    make_store: Callable[..., RedisStore], real_redis: aioredis.Redis
+) -> None:
+    store = make_store(KEY_A)
+    await store.put("a", record(1))
+    await make_store(KEY_B).put("b", record(2))  # another key: unreadable here
+    # The layout before connections, read when the new one has nothing.
+    await real_redis.hset(store.key("old", "record"), "data", store._codec.encode(record(3)))
+    found = await store.load_many(["a", "b", "old", "missing"])
+    assert found["a"] == record(1)
+    assert found["old"] == record(3)
+    assert isinstance(found["b"], RecordUnreadable)
+    assert "missing" not in found
+
+
+def test_a_timeout_is_a_busy_store_and_a_refusal_an_unreachable_one() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from proxy.errors import StoreBusy
+    from proxy.redis_store import PoolTimeout, _unavailable
+
+    assert isinstance(_unavailable(PoolTimeout("no pooled connection")), StoreBusy)
+    assert isinstance(_unavailable(RedisTimeoutError("Timeout reading from h:1")), StoreBusy)
+    assert isinstance(_unavailable(TimeoutError()), StoreBusy)
+    for down in (
+        RedisTimeoutError("Timeout connecting to server"),
+        RedisConnectionError("Error 111 connecting to h:1. Connection refused."),
+        ConnectionResetError(),
+    ):
+        translated = _unavailable(down)
+        assert isinstance(translated, StoreUnavailable)
+        assert not isinstance(translated, StoreBusy)
+    assert _unavailable(PoolTimeout("x")).code == "store_busy"
+
+
+@pytest.mark.redis
+async def test_real_a_pool_wait_that_times_out_is_store_busy_and_counted(
+    redis_url: str, key_prefix: str
+) -> None:
+    from proxy.errors import StoreBusy
+
+    store = RedisStore.from_url(redis_url, prefix=key_prefix, max_connections=1, pool_timeout=0.1)
+    waits: list[tuple[float, bool]] = []
+    store.observe_pool(lambda seconds, timed_out: waits.append((seconds, timed_out)))
+    try:
+        await store.ping()
+        # The pool's one connection is held by a blocking read for a second.
+        held = asyncio.ensure_future(store.client.blpop([key_prefix + ":nothing"], timeout=1))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StoreBusy, match="CBPROXY_REDIS_POOL_TIMEOUT"):
+            await store.load("a")
+        await held
+        assert any(timed_out for _, timed_out in waits)
+        assert await store.load("a") is None  # free again: the store answers
+    finally:
+        await store.close()
+
+
+async def test_an_unreachable_redis_is_not_busy() -> None:
+    from proxy.errors import StoreBusy
+
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.load("a")
+        assert not isinstance(caught.value, StoreBusy)
+    finally:
+        await store.close()

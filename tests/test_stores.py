@@ -227,3 +227,40 @@ async def test_an_unreadable_record_does_not_hide_the_others_in_a_page(tmp_path:
     assert "not json" not in page[1][1].message
     assert page[0][1] == record(1)
     await store.close()
+
+
+async def test_load_many_reads_the_records_of_many_ids_at_once(store: TokenStore) -> None:
+    for name, generation in (("a", 1), ("b", 2), ("c", 3)):
+        await store.put(name, record(generation))
+    found = await store.load_many(["c", "missing", "a", "c"])
+    assert found == {"c": record(3), "a": record(1)}  # nothing stored: absent
+    assert await store.load_many([]) == {}
+
+
+async def test_load_many_names_an_unreadable_record_and_reads_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    for name in ("a", "b"):
+        await store.put(name, record(1))
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE records SET data = 'not json' WHERE id = 'b'")
+    store = SqliteStore(path)
+    found = await store.load_many(["a", "b"])
+    assert found["a"] == record(1)
+    assert isinstance(found["b"], RecordUnreadable)
+    await store.close()
+
+
+async def test_the_feed_comes_in_batches_in_order(store: TokenStore) -> None:
+    start = await store.position()
+    for name in ("a", "b", "c"):
+        await store.put(name, record(1))
+    await store.put("a", record(2))
+    batches = store.change_batches(start)
+    batch = await asyncio.wait_for(anext(batches), 5)
+    await batches.aclose()  # type: ignore[attr-defined]
+    assert [name for _, name in batch] == ["a", "b", "c", "a"]  # one read: every entry
+    resumed = store.changes(batch[1][0])  # the same feed, one entry at a time
+    assert (await asyncio.wait_for(anext(resumed), 5))[1] == "c"
+    await resumed.aclose()  # type: ignore[attr-defined]
