@@ -68,7 +68,7 @@ def _long_backoff(policy: RefreshPolicy) -> RefreshPolicy:
 
 TokenGate = Callable[[str, float], Awaitable[object]]
 """Awaited before each token call with (budget, longest wait): the rate limiter, since
-refreshes share the request budget."""
+Cloudbeds counts token calls against the app's rate (the budget is its token share)."""
 _LOCK_MARGIN = 1.0
 """Seconds of the lock kept spare after the token call's own timeout."""
 
@@ -508,7 +508,8 @@ class OAuthCredential:
             spare = self._lock_until - asyncio.get_running_loop().time()
             try:
                 await self._gate(
-                    settings.budget, max(0.0, spare - self._proxy.token_timeout - _LOCK_MARGIN)
+                    settings.token_budget,
+                    max(0.0, spare - self._proxy.token_timeout - _LOCK_MARGIN),
                 )
             except ProxyError as exc:  # rate limited: try again once the budget allows
                 self._transient_failure(TokenEndpointUnavailable(exc.message))
