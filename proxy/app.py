@@ -260,7 +260,7 @@ def credential_factory(
             clock=clock,
             # A refresh takes a slot of the app's token budget (its reserved share), and
             # may wait for it as long as its lock outlives the call.
-            gate=lambda budget, wait: limiter.admit(budget, max_wait=wait),
+            gate=lambda budget, wait: limiter.admit(budget, cred.name, max_wait=wait),
         )
 
     return make

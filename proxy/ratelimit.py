@@ -23,16 +23,18 @@ Rules (a generic cell rate algorithm, GCRA, that shapes before it refuses):
   the sum the app's burst), so the two together stay within rate + burst in any second
   and requests always have the rest when refreshes pile up. A share of 0 keeps one
   budget for both.
-- Fair within a budget (`proxy.fairqueue`): the shared GCRA is asked with a horizon of
-  a quarter interval (`horizon`), so a slot is taken only when one is due now. A request
-  that finds no waiters in this process asks at once (one round trip, as before);
-  refused, or finding waiters, it joins its connection's FIFO queue, and this process's
-  dispatcher for the budget hands each slot it gets to the connections with waiters in
-  turn (round robin), sleeping until the next slot is near between asks. A request
-  whose expected wait (the known delay plus `slots_ahead` intervals) exceeds `max_wait`
-  is refused at once; one still waiting at `max_wait` is refused then. Only waiters
-  hold state: a connection's queue is dropped when it empties, a budget's queue with
-  its last waiter.
+- Fair within a budget (`proxy.fairqueue`). A request of a connection that has no other
+  request waiting in this process takes the budget's next slot in arrival order, as
+  above: one round trip, and a paced connection's request is never behind another's
+  backlog. A request of a connection that already has one waiting joins that
+  connection's FIFO queue instead, and this process's dispatcher for the budget hands
+  slots to the connections with queued requests in turn (round robin). The dispatcher
+  asks the shared GCRA only for a slot due within a quarter interval (`horizon`), so a
+  backlog never reserves ahead of the fleet's newcomers, and sleeps until the next slot
+  is near between asks. A queued request whose expected wait (the next slot plus
+  `slots_ahead` intervals) exceeds `max_wait` is refused at once, one still queued at
+  `max_wait` then: a flood's excess is refused, not queued. Only waiters hold state: a
+  connection's queue is dropped when it empties, a budget's queue with its last waiter.
 - A pause (Cloudbeds answered 429 or 503 with Retry-After) sets
   `pause_until = max(pause_until, now + seconds)` on the budget and the budgets linked to
   it (an app's request and token budgets: Cloudbeds counts per client id): no slot starts
@@ -185,11 +187,11 @@ HORIZON = 0.25
 
 
 def horizon(limit: RateLimit) -> RateLimit:
-    """The limit the shared GCRA is asked with: a slot is taken only when it is due within
-    a quarter interval. A process that reserved a whole interval ahead would ask again the
-    moment its slot came and always find the next one free, starving replicas that wait
-    for theirs; asked this close, every replica with waiters wakes when a slot is due and
-    the first to ask takes it."""
+    """The limit a queue's dispatcher asks the shared GCRA with: a slot is taken only when
+    it is due within a quarter interval. A dispatcher that reserved a whole interval ahead
+    would ask again the moment its slot came and always find the next one free, starving
+    the replicas that wait for theirs; asked this close, every replica with a queue wakes
+    when a slot is due and the first to ask takes it."""
     return dataclasses.replace(limit, max_wait=min(limit.interval * HORIZON, limit.max_wait))
 
 
@@ -254,6 +256,8 @@ class Limiter:
         # Only while a budget has waiters in this process: its queue and its dispatcher.
         self._queues: dict[str, FairQueue[_Waiter]] = {}
         self._dispatchers: dict[str, asyncio.Task[None]] = {}
+        # Only while a request of (budget, connection) holds a slot it reserved ahead.
+        self._reserving: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def admit(
         self, credential: str, connection: str | None = None, *, max_wait: float | None = None
@@ -275,13 +279,11 @@ class Limiter:
         self._waiting[credential] += 1
         try:
             started = self._clock()
-            if credential in self._queues:  # others wait: the next slot as last seen
-                delay = next_slot(self._bucket(credential), started, limit)[0]
-            else:  # nobody waits here: ask the budget at once
-                outcome = await self._decide(credential, horizon(limit))
-                if isinstance(outcome, Admit):
-                    return await self._admitted(credential, outcome.delay)
-                delay = outcome.wait
+            queue = self._queues.get(credential)
+            if (credential, key) not in self._reserving and (queue is None or key not in queue):
+                return await self._reserve(credential, key, limit)
+            # The connection already waits here: its queue, at the next slot as last seen.
+            delay = next_slot(self._bucket(credential), started, limit)[0]
             return await self._queue(credential, key, limit, started, delay)
         finally:
             self._waiting[credential] -= 1
@@ -299,6 +301,20 @@ class Limiter:
         if not victim.future.done():
             refuse = Refuse(retry_after=victim.limit.interval, reason="queue")
             victim.future.set_exception(self._refused(credential, victim.limit, refuse))
+
+    async def _reserve(self, credential: str, key: str, limit: RateLimit) -> float:
+        """Take the budget's next slot in arrival order (one round trip), and wait for it."""
+        mine = (credential, key)
+        self._reserving[mine] += 1
+        try:
+            outcome = await self._decide(credential, limit)
+            if isinstance(outcome, Refuse):
+                raise self._refused(credential, limit, outcome)
+            return await self._admitted(credential, outcome.delay)
+        finally:
+            self._reserving[mine] -= 1
+            if not self._reserving[mine]:
+                del self._reserving[mine]
 
     async def _admitted(self, credential: str, delay: float) -> float:
         if delay > 0:
@@ -441,9 +457,13 @@ class Limiter:
         }
 
     def queued(self, credential: str) -> tuple[int, int]:
-        """(waiters, connections with waiters) of the budget in this process."""
+        """(requests waiting, connections they are for) of the budget in this process: the
+        only per-connection state the limiter holds."""
         queue = self._queues.get(credential)
-        return (len(queue), queue.connections()) if queue is not None else (0, 0)
+        waiting = queue.waiters() if queue is not None else []
+        reserving = {k: n for (b, k), n in self._reserving.items() if b == credential}
+        keys = {w.key for w in waiting} | set(reserving)
+        return len(waiting) + sum(reserving.values()), len(keys)
 
     @property
     def mode(self) -> Mode:
