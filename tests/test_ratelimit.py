@@ -15,7 +15,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ClusterDownError, SlotNotCoveredError
 
+from proxy.app import make_limiter
 from proxy.clock import FakeClock
+from proxy.config import AppSettings, Settings
 from proxy.errors import RateLimited, UnknownConnection
 from proxy.fairqueue import FairQueue
 from proxy.metrics import Metrics
@@ -32,6 +34,7 @@ from proxy.ratelimit import (
     split,
 )
 from proxy.redis_store import RedisStore
+from proxy.store import MemoryStore
 
 FIVE = RateLimit(rate=5, burst=5)
 
@@ -766,3 +769,20 @@ async def test_any_store_error_sends_the_limiter_to_its_local_share(error: Excep
     assert await limiter.admit("a") == 0.0
     assert limiter.mode == "local-fallback"
     await limiter.pause("a", 1.0)  # and a pause stays local, never raises
+
+
+async def test_the_app_factory_splits_each_app_and_links_its_pause() -> None:
+    def app(name: str, share: float) -> AppSettings:
+        return AppSettings(name, "id-" + name, "secret", "https://x.example/cb", token_share=share)
+
+    settings = Settings(credentials=(), apps=(app("split", 0.2), app("whole", 0.0)))
+    limiter = make_limiter(settings, MemoryStore(), Metrics(), FakeClock())
+    assert (limiter.describe("app:split")["limit"], limiter.describe("app:split")["burst"]) == (
+        pytest.approx(4),
+        4,
+    )
+    assert limiter.describe("app:split/tokens")["limit"] == pytest.approx(1)
+    assert limiter.describe("app:whole")["limit"] == 5
+    await limiter.pause("app:split/tokens", 10)  # linked both ways
+    assert limiter.describe("app:split")["paused_until"] is not None
+    assert limiter.describe("app:whole")["paused_until"] is None
