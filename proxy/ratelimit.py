@@ -26,9 +26,10 @@ Rules (a generic cell rate algorithm, GCRA, that shapes before it refuses):
 - Fair within a budget (`proxy.fairqueue`). A request of a connection that has no other
   request waiting in this process takes the budget's next slot in arrival order, as
   above: one round trip, and a paced connection's request is never behind another's
-  backlog. A request of a connection that already has one waiting joins that
-  connection's FIFO queue instead, and this process's dispatcher for the budget hands
-  slots to the connections with queued requests in turn (round robin). The dispatcher
+  backlog. A request of a connection that already has one waiting takes a slot only if
+  one is due now and nobody is queued here (still one round trip); else it joins that
+  connection's FIFO queue, and this process's dispatcher for the budget hands slots to
+  the connections with queued requests in turn (round robin). The dispatcher
   asks the shared GCRA only for a slot due within a quarter interval (`horizon`), so a
   backlog never reserves ahead of the fleet's newcomers, and sleeps until the next slot
   is near between asks. A queued request whose expected wait (the next slot plus
@@ -187,8 +188,9 @@ HORIZON = 0.25
 
 
 def horizon(limit: RateLimit) -> RateLimit:
-    """The limit a queue's dispatcher asks the shared GCRA with: a slot is taken only when
-    it is due within a quarter interval. A dispatcher that reserved a whole interval ahead
+    """The limit a slot due now is asked for with (by a queue's dispatcher, and by a
+    connection's further request while nobody is queued): a slot is taken only when it is
+    due within a quarter interval. A dispatcher that reserved a whole interval ahead
     would ask again the moment its slot came and always find the next one free, starving
     the replicas that wait for theirs; asked this close, every replica with a queue wakes
     when a slot is due and the first to ask takes it."""
@@ -282,8 +284,13 @@ class Limiter:
             queue = self._queues.get(credential)
             if (credential, key) not in self._reserving and (queue is None or key not in queue):
                 return await self._reserve(credential, key, limit)
-            # The connection already waits here: its queue, at the next slot as last seen.
-            delay = next_slot(self._bucket(credential), started, limit)[0]
+            if queue is None:  # nobody queued here: a slot due now is the connection's
+                outcome = await self._decide(credential, horizon(limit))
+                if isinstance(outcome, Admit):
+                    return await self._admitted(credential, outcome.delay)
+                delay = outcome.wait
+            else:  # its queue, at the next slot as last seen
+                delay = next_slot(self._bucket(credential), started, limit)[0]
             return await self._queue(credential, key, limit, started, delay)
         finally:
             self._waiting[credential] -= 1

@@ -479,6 +479,19 @@ async def test_script_shapes_across_replicas_in_one_round_trip() -> None:
     assert one.mode == two.mode == "shared"
 
 
+async def test_concurrent_requests_of_one_connection_within_the_burst_cost_one_trip() -> None:
+    server = fakeredis.FakeServer()
+    CountingRedis.commands = 0
+    one, metrics = fake_limiter(server, "r1", redis=CountingRedis(server=server))
+    await one.admit("b")  # loads the script
+    before = CountingRedis.commands
+    waits = await asyncio.gather(*(one.admit("a", "c") for _ in range(5)))
+    assert waits == [0.0] * 5
+    assert CountingRedis.commands - before == 5
+    assert sample(metrics, "cbproxy_ratelimit_admitted_total", "a") == 5
+    assert one.queued("a") == (0, 0)
+
+
 async def test_script_refuses_past_max_wait() -> None:
     server = fakeredis.FakeServer()
     one, metrics = fake_limiter(
