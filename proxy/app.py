@@ -33,7 +33,7 @@ from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.middleware import request_middleware, server_log
 from proxy.pacing import Pacer
-from proxy.ratelimit import Limiter, RateLimit
+from proxy.ratelimit import Limiter, RateLimit, split
 from proxy.redis_store import RedisStore
 from proxy.registry import MakeCredential, Registry
 from proxy.runtime import PUBLIC, RUNTIME, Runtime
@@ -213,6 +213,7 @@ async def _runtime(
         # cancelled; either way its `finally` releases the lock before the store closes.
         now = asyncio.get_running_loop().time()
         await registry.stop((runtime.stop_deadline or now) - now)
+        await limiter.close()
         with contextlib.suppress(StoreUnavailable):
             await registry.flush_used()
         await session.close()
@@ -268,8 +269,8 @@ def credential_factory(
 ) -> MakeCredential:
     """How a replica (or a one-shot CLI command) makes a connection's credential."""
 
-    def gate(budget: str, wait: float) -> Awaitable[object]:
-        return limiter.admit(budget, max_wait=wait)
+    def gate(budget: str, connection: str, wait: float) -> Awaitable[object]:
+        return limiter.admit(budget, connection, max_wait=wait)
 
     # An idle API key is kept alive with a cheap call (Cloudbeds expires one unused 30 days).
     keepalive = KeepAlive(
@@ -296,8 +297,8 @@ def credential_factory(
             session=session,
             metrics=metrics,
             clock=clock,
-            # A refresh counts against the budget but must not lose to a flood of
-            # requests: it may wait for its slot as long as its lock outlives the call.
+            # A refresh takes a slot of the app's token budget (its reserved share), and
+            # may wait for it as long as its lock outlives the call.
             gate=gate,
             pacer=pacer,
         )
@@ -306,15 +307,20 @@ def credential_factory(
 
 
 def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
-    """One budget per configured credential and one per app, shared by its connections."""
+    """One budget per configured credential, and per app one for requests and one for
+    token calls (`ratelimit.split`, unless its token share is 0), paused together."""
     limits = {
         c.budget: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
         for c in settings.credentials
     }
+    linked: dict[str, tuple[str, ...]] = {}
     for app in settings.apps:
-        limits[f"app:{app.name}"] = RateLimit(
-            app.rate_limit, app.rate_burst, settings.rate_max_wait
-        )
+        limit = RateLimit(app.rate_limit, app.rate_burst, settings.rate_max_wait)
+        if app.token_budget == app.budget or limit.off:
+            limits[app.budget] = limits[app.token_budget] = limit
+            continue
+        limits[app.budget], limits[app.token_budget] = split(limit, app.token_share)
+        linked[app.budget] = linked[app.token_budget] = (app.budget, app.token_budget)
     return Limiter(
         limits,
         shared=store if isinstance(store, RedisStore) else None,
@@ -322,6 +328,7 @@ def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock:
         replica_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         clock=clock,
         heartbeat_interval=settings.heartbeat_interval,
+        linked=linked,
     )
 
 

@@ -68,12 +68,20 @@ class CredentialSettings:
     rate_burst: int = 5
     app: str | None = None
     """Set for a connection of an app: its client, and the app's shared rate budget."""
+    token_share: float = 0.0
+    """The app's share of its rate reserved for token calls; 0: they share `budget`."""
 
     @property
     def budget(self) -> str:
         """The rate limiter's bucket and the metrics' label: the app's (Cloudbeds counts per
         client id), or the credential's own."""
         return f"app:{self.app}" if self.app else self.name
+
+    @property
+    def token_budget(self) -> str:
+        """The bucket token calls take their slot from: the app's reserved share, or the
+        same as requests (a configured credential, or an app with no share)."""
+        return f"{self.budget}/tokens" if self.app and self.token_share > 0 else self.budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +95,21 @@ class AppSettings:
     delivery: Kind = Kind.OAUTH
     rate_limit: float = 5.0
     rate_burst: int = 5
+    token_share: float = 0.2
+    """The share of the rate and burst reserved for token calls (0 < share < 1), the
+    rest for requests; 0 puts both in one budget."""
     post_app_state_on_delete: bool = True
     marketplace_state: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def budget(self) -> str:
+        """The app's request budget (and its metrics' label)."""
+        return f"app:{self.name}"
+
+    @property
+    def token_budget(self) -> str:
+        """The budget of the app's token calls: its reserved share, or the request budget."""
+        return f"{self.budget}/tokens" if self.token_share > 0 else self.budget
 
     def connection(self, connection_id: str) -> CredentialSettings:
         """The settings a connection of this app runs with."""
@@ -101,6 +122,7 @@ class AppSettings:
             rate_limit=self.rate_limit,
             rate_burst=self.rate_burst,
             app=self.name,
+            token_share=self.token_share,
         )
 
 
@@ -256,6 +278,13 @@ def _positive(parse: Callable[[str], T], *, zero: bool = True) -> Callable[[str]
         return number
 
     return check
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 1:
+        raise ValueError("must be a fraction from 0 up to (not including) 1, like 0.2")
+    return number
 
 
 # aiohttp reads a timeout of 0 as "no timeout", and a poll interval of 0 would spin.
@@ -452,6 +481,7 @@ APP_FIELDS: dict[str, Callable[[str], Any]] = {
     "delivery": Kind,
     "rate_limit": _positive(float),
     "rate_burst": _positive(int),
+    "token_share": _fraction,
     "marketplace_state": str,
 }
 
@@ -485,7 +515,13 @@ def _apps(document: Any) -> tuple[AppSettings, ...]:
         if not isinstance(on_delete, bool):
             raise ConfigError(f"{where}.post_app_state_on_delete: must be true or false")
         present = {k: v for k, v in values.items() if v is not None}
-        result.append(AppSettings(name=name, post_app_state_on_delete=on_delete, **present))
+        app = AppSettings(name=name, post_app_state_on_delete=on_delete, **present)
+        if app.token_share > 0 and app.rate_limit > 0 and app.rate_burst < 2:
+            raise ConfigError(
+                f"{where}.rate_burst: must be at least 2 with a token_share (requests and "
+                "token calls each need 1 of the burst), or set token_share = 0"
+            )
+        result.append(app)
     return tuple(result)
 
 

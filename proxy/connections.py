@@ -178,7 +178,7 @@ class Connections:
         return name, record, happened[0]
 
     async def _exchange(self, app: AppSettings, code: str) -> Grant:
-        await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.token_timeout)
+        await self._limiter.admit(app.token_budget, max_wait=self._settings.token_timeout)
         url, timeout = self._settings.token_url, self._settings.token_timeout
         try:
             if app.delivery is Kind.API_KEY:
@@ -459,7 +459,7 @@ class Connections:
                 "app with a refresh token can"
             )
         # The slot first: under the lock only the call runs, which fits in its lifetime.
-        await self._limiter.admit(f"app:{app.name}", max_wait=self._settings.token_timeout)
+        await self._limiter.admit(app.token_budget, max_wait=self._settings.token_timeout)
         async with held(self._store.lock(name, self._settings.lock_ttl)) as mine:
             if not mine:
                 raise NoUsableToken(

@@ -567,7 +567,9 @@ class OAuthCredential:
             spare = self._lock_until - asyncio.get_running_loop().time()
             try:
                 await self._gate(
-                    settings.budget, max(0.0, spare - self._proxy.token_timeout - _LOCK_MARGIN)
+                    settings.token_budget,
+                    self.name,
+                    max(0.0, spare - self._proxy.token_timeout - _LOCK_MARGIN),
                 )
             except ProxyError as exc:  # rate limited: try again once the budget allows
                 self._transient_failure(TokenEndpointUnavailable(exc.message))

@@ -45,9 +45,10 @@ from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, reso
 log = structlog.get_logger("proxy.credentials")
 Listener = Callable[[str, tuple[str, ...]], None]
 """Told (connection id, properties) whenever a credential adopts a record."""
-TokenGate = Callable[[str, float], Awaitable[object]]
-"""Awaited before each token call (and keep-alive) with (budget, longest wait): the rate
-limiter, since the proxy's own calls share the request budget."""
+TokenGate = Callable[[str, str, float], Awaitable[object]]
+"""Awaited before each token call (and keep-alive) with (budget, connection, longest wait):
+the rate limiter, since Cloudbeds counts the proxy's own calls against the app's rate; the
+budget is the app's token share, so requests always get the rest."""
 _KEEPALIVE_BACKOFF = RefreshPolicy(backoff_base=30.0, backoff_cap=3600.0)
 """A failed keep-alive is tried again from 30 s on, up to hourly: it has weeks to succeed."""
 _LOCK_MARGIN = 1.0
@@ -272,7 +273,9 @@ class ApiKeyCredential:
             raise NoUsableToken(f"connection {self.name!r} has no API key to keep alive")
         if keep.gate is not None:
             await keep.gate(
-                self.settings.budget, max(0.0, keep.lock_ttl - keep.timeout - _LOCK_MARGIN)
+                self.settings.token_budget,
+                self.name,
+                max(0.0, keep.lock_ttl - keep.timeout - _LOCK_MARGIN),
             )
         header = ("x-api-key", record.access_token)
         status, _ = await cloudbeds.call(

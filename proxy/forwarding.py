@@ -156,7 +156,7 @@ class Forwarder:
         # A slot is taken only once a token exists (a request that would get a 503 spends
         # none of the budget a refresh needs); the token is read again after the wait.
         await credential.header()
-        await self._limiter.admit(credential.settings.budget)
+        await self._limiter.admit(credential.settings.budget, credential.name)
         header = await credential.header()
         upstream = await self._send(request, credential, header, body)
         if upstream.status == 401:
@@ -281,7 +281,7 @@ class Forwarder:
         response.release()
         # Cloudbeds counts the replay like any call (its limit is per client id), so it
         # takes a slot of the budget; refused, the caller gets the 429 and Retry-After.
-        await self._limiter.admit(credential.settings.budget)
+        await self._limiter.admit(credential.settings.budget, credential.name)
         self._metrics.replays.labels(credential.settings.budget, "replayed").inc()
         log.info("request.replayed_after_401", credential=credential.name)
         return await self._send(request, credential, await credential.header(), body)

@@ -1,31 +1,52 @@
-"""One rate limiter per credential, shared by every replica through Redis (issue 5).
+"""One rate limiter per budget (an app, or a configured credential), shared by every
+replica through Redis.
 
 Rules (a generic cell rate algorithm, GCRA, that shapes before it refuses):
 
 - A limit is `rate` requests per second with a `burst`; the emission interval is
-  T = 1 / rate. The state per credential is the theoretical arrival time `tat` and
+  T = 1 / rate. The state per budget is the theoretical arrival time `tat` and
   `pause_until`, both absolute seconds. `rate == 0` turns the limiter off.
 - A request at `now` takes the next slot in arrival order:
       base  = max(tat, now, pause_until)
       tat'  = base + T
       slot  = max(tat' - burst * T, pause_until, now)
       delay = slot - now
-  so an idle credential lets `burst` requests through at once, then one every T. In any
+  so an idle budget lets `burst` requests through at once, then one every T. In any
   one-second window no more than rate + burst requests get a slot.
 - A request whose delay is at most `max_wait` is admitted: `tat` becomes tat' and the
   caller sleeps `delay` before sending. Past `max_wait` it is refused at once, `tat` is
   untouched (a refusal consumes no slot), and `retry_after = max(delay - max_wait, T)`
   is the earliest time a retry could be admitted. Times are compared to the
   microsecond (`EPSILON`): float sums of T must not turn a slot into a refusal.
+- An app's limit splits in two budgets (`split`): requests at (1 - share) * rate and
+  token calls at share * rate, the app's burst divided between them (each at least 1,
+  the sum the app's burst), so the two together stay within rate + burst in any second
+  and requests always have the rest when refreshes pile up. A share of 0 keeps one
+  budget for both.
+- Fair within a budget (`proxy.fairqueue`). A request of a connection that has no other
+  request waiting in this process takes the budget's next slot in arrival order, as
+  above: one round trip, and a paced connection's request is never behind another's
+  backlog. A request of a connection that already has one waiting takes a slot only if
+  one is due now and nobody is queued here (still one round trip); else it joins that
+  connection's FIFO queue, and this process's dispatcher for the budget hands slots to
+  the connections with queued requests in turn (round robin). The dispatcher
+  asks the shared GCRA only for a slot due within a quarter interval (`horizon`), so a
+  backlog never reserves ahead of the fleet's newcomers, and sleeps until the next slot
+  is near between asks. A queued request whose expected wait (the next slot plus
+  `slots_ahead` intervals) exceeds `max_wait` is refused at once, one still queued at
+  `max_wait` then: a flood's excess is refused, not queued. Only waiters hold state: a
+  connection's queue is dropped when it empties, a budget's queue with its last waiter.
 - A pause (Cloudbeds answered 429 or 503 with Retry-After) sets
-  `pause_until = max(pause_until, now + seconds)`: no slot starts before it, so every
-  request of the credential waits for the pause end or is refused. After the pause the
+  `pause_until = max(pause_until, now + seconds)` on the budget and the budgets linked to
+  it (an app's request and token budgets: Cloudbeds counts per client id): no slot starts
+  before it, so every request waits for the pause end or is refused. After the pause the
   bucket is full again (the fleet sent nothing meanwhile).
-- At most `max_queue` requests of one credential may be in the limiter (waiting or
-  asking) in one process; one more is refused at once. `max_wait` already bounds the
-  fleet-wide queue; this bounds the tasks a single process holds.
-- With Redis, the rules run in one Lua script per request on Redis' clock
-  (`TIME`), so replicas with skewed clocks agree; the script lives in the store
+- At most `max_queue` requests of one budget may be in the limiter (waiting or asking)
+  in one process; one more is refused at once, unless its connection has no waiter: then
+  the newest waiter of the longest queue is refused in its place. `max_wait` already
+  bounds the fleet-wide queue; this bounds the tasks a single process holds.
+- With Redis, the rules run in one Lua script per ask on Redis' clock (`TIME`), so
+  replicas with skewed clocks agree; the script lives in the store
   (`proxy.redis_store`, `budget_admit`), which owns every Redis call. Without Redis they
   run in process.
 - Redis down: each replica falls back to an even share of the limit,
@@ -46,6 +67,7 @@ import structlog
 
 from proxy.clock import Clock, system_clock
 from proxy.errors import RateLimited, StoreUnavailable, UnknownConnection
+from proxy.fairqueue import FairQueue
 from proxy.metrics import Metrics
 from proxy.store import SharedBudgets
 
@@ -121,15 +143,20 @@ def refusal(limit: RateLimit, delay: float, paused_for: float) -> Refuse:
     return Refuse(max(delay - limit.max_wait, limit.interval), reason, delay)
 
 
+def next_slot(bucket: Bucket, now: float, limit: RateLimit) -> tuple[float, float]:
+    """(delay, tat') of the budget's next slot, by the rules at the top of this module."""
+    interval = limit.interval
+    new_tat = max(bucket.tat, now, bucket.pause_until) + interval
+    slot = max(new_tat - limit.burst * interval, bucket.pause_until, now)
+    return (slot - now if slot - now >= EPSILON else 0.0), new_tat
+
+
 def decide(bucket: Bucket, now: float, limit: RateLimit, waiting: int = 0) -> Admit | Refuse:
     """Apply the rules at the top of this module to one request."""
     full = check_queue(limit, waiting)
     if full is not None:
         return full
-    interval = limit.interval
-    new_tat = max(bucket.tat, now, bucket.pause_until) + interval
-    slot = max(new_tat - limit.burst * interval, bucket.pause_until, now)
-    delay = slot - now if slot - now >= EPSILON else 0.0
+    delay, new_tat = next_slot(bucket, now, limit)
     if delay > limit.max_wait + EPSILON:
         return refusal(limit, delay, bucket.pause_until - now)
     return Admit(delay, dataclasses.replace(bucket, tat=new_tat))
@@ -140,13 +167,64 @@ def paused(bucket: Bucket, now: float, seconds: float) -> Bucket:
     return dataclasses.replace(bucket, pause_until=max(bucket.pause_until, now + seconds))
 
 
+def split(limit: RateLimit, share: float) -> tuple[RateLimit, RateLimit]:
+    """An app's limit as (requests, token calls): `share` of the rate for token calls, the
+    rest for requests; the burst divided so that each has at least 1 and the two sum to
+    the app's burst (token calls get `share` of it, rounded half up)."""
+    if not 0 < share < 1:
+        raise ValueError(f"a token share is a fraction between 0 and 1, not {share}")
+    if limit.burst < 2:
+        raise ValueError(f"a burst of {limit.burst} cannot be split: each part needs 1")
+    token_burst = min(limit.burst - 1, max(1, math.floor(limit.burst * share + 0.5)))
+    token_rate = limit.rate * share
+    return (
+        RateLimit(limit.rate - token_rate, limit.burst - token_burst, limit.max_wait),
+        RateLimit(token_rate, token_burst, limit.max_wait),
+    )
+
+
+HORIZON = 0.25
+"""The share of an interval ahead within which a slot counts as due now."""
+
+
+def horizon(limit: RateLimit) -> RateLimit:
+    """The limit a slot due now is asked for with (by a queue's dispatcher, and by a
+    connection's further request while nobody is queued): a slot is taken only when it is
+    due within a quarter interval. A dispatcher that reserved a whole interval ahead
+    would ask again the moment its slot came and always find the next one free, starving
+    the replicas that wait for theirs; asked this close, every replica with a queue wakes
+    when a slot is due and the first to ask takes it."""
+    return dataclasses.replace(limit, max_wait=min(limit.interval * HORIZON, limit.max_wait))
+
+
+def expected_wait(limit: RateLimit, delay: float, ahead: int) -> float:
+    """Seconds a request waits: the budget's next slot `delay` away, then `ahead` slots
+    handed out to others (and its own connection's earlier waiters) one interval apart."""
+    return delay + ahead * limit.interval
+
+
 # Failures that send the limiter to its local fallback: the store's own error (every Redis
 # error is translated there) and our own bound on the round trip.
 _SHARED_FAILURES = (StoreUnavailable, TimeoutError)
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Waiter:
+    """A request queued for a slot; compared by identity (a queue removes this one)."""
+
+    key: str
+    future: asyncio.Future[float]
+    limit: RateLimit
+    started: float
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.limit.max_wait
+
+
 class Limiter:
-    """Admits each credential's requests at its rate: shared through Redis, or local."""
+    """Admits each budget's requests at its rate, fairly across connections: shared
+    through Redis, or local."""
 
     def __init__(
         self,
@@ -160,8 +238,10 @@ class Limiter:
         heartbeat_interval: float = 5.0,
         redis_timeout: float = 0.5,
         assumed_replicas: int = 1,
+        linked: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self._limits = dict(limits)
+        self._linked = dict(linked or {})
         self._redis = shared
         self._metrics = metrics
         self._replica_id = replica_id
@@ -175,37 +255,179 @@ class Limiter:
         self._paused_until: dict[str, float] = {}
         self._fallback = False
         self._retry_redis_at = 0.0
+        # Only while a budget has waiters in this process: its queue and its dispatcher.
+        self._queues: dict[str, FairQueue[_Waiter]] = {}
+        self._dispatchers: dict[str, asyncio.Task[None]] = {}
+        # Only while a request of (budget, connection) holds a slot it reserved ahead.
+        self._reserving: collections.Counter[tuple[str, str]] = collections.Counter()
 
-    async def admit(self, credential: str, *, max_wait: float | None = None) -> float:
-        """Wait for the credential's next slot; return the seconds waited.
+    async def admit(
+        self, credential: str, connection: str | None = None, *, max_wait: float | None = None
+    ) -> float:
+        """Wait for a slot of the budget `credential`; return the seconds waited.
 
-        Raises `RateLimited` when the wait would exceed `max_wait` (the limit's, unless
-        given: a token refresh may wait longer than a request) or the queue is full.
+        `connection` names whose request it is: when the budget is contended, connections
+        with waiters take turns. Raises `RateLimited` when the wait would exceed
+        `max_wait` (the limit's, unless given: a token refresh may wait longer than a
+        request) or the queue is full.
         """
         limit = self._limit(credential)
         if limit.off:
             return 0.0
         if max_wait is not None:
             limit = dataclasses.replace(limit, max_wait=max_wait, max_queue=limit.max_queue + 1)
-        full = check_queue(limit, self._waiting[credential])
-        if full is not None:
-            raise self._refused(credential, limit, full)
+        key = connection or ""
+        self._make_room(credential, key, limit)
         self._waiting[credential] += 1
+        try:
+            started = self._clock()
+            queue = self._queues.get(credential)
+            if (credential, key) not in self._reserving and (queue is None or key not in queue):
+                return await self._reserve(credential, key, limit)
+            if queue is None:  # nobody queued here: a slot due now is the connection's
+                outcome = await self._decide(credential, horizon(limit))
+                if isinstance(outcome, Admit):
+                    return await self._admitted(credential, outcome.delay)
+                delay = outcome.wait
+            else:  # its queue, at the next slot as last seen
+                delay = next_slot(self._bucket(credential), started, limit)[0]
+            return await self._queue(credential, key, limit, started, delay)
+        finally:
+            self._waiting[credential] -= 1
+
+    def _make_room(self, credential: str, key: str, limit: RateLimit) -> None:
+        """Refuse a request past `max_queue`, unless its connection has no waiter: then the
+        newest waiter of the longest queue is refused instead."""
+        full = check_queue(limit, self._waiting[credential])
+        if full is None:
+            return
+        queue = self._queues.get(credential)
+        victim = queue.evict() if queue is not None and key not in queue else None
+        if victim is None:
+            raise self._refused(credential, limit, full)
+        if not victim.future.done():
+            refuse = Refuse(retry_after=victim.limit.interval, reason="queue")
+            victim.future.set_exception(self._refused(credential, victim.limit, refuse))
+
+    async def _reserve(self, credential: str, key: str, limit: RateLimit) -> float:
+        """Take the budget's next slot in arrival order (one round trip), and wait for it."""
+        mine = (credential, key)
+        self._reserving[mine] += 1
         try:
             outcome = await self._decide(credential, limit)
             if isinstance(outcome, Refuse):
                 raise self._refused(credential, limit, outcome)
-            if outcome.delay > 0:
-                self._metrics.ratelimit_delayed.labels(credential).observe(outcome.delay)
-                await self._sleep(outcome.delay)
-            else:
-                self._metrics.ratelimit_admitted.labels(credential).inc()
-            return outcome.delay
+            return await self._admitted(credential, outcome.delay)
         finally:
-            self._waiting[credential] -= 1
+            self._reserving[mine] -= 1
+            if not self._reserving[mine]:
+                del self._reserving[mine]
+
+    async def _admitted(self, credential: str, delay: float) -> float:
+        if delay > 0:
+            self._metrics.ratelimit_delayed.labels(credential).observe(delay)
+            await self._sleep(delay)
+        else:
+            self._metrics.ratelimit_admitted.labels(credential).inc()
+        return delay
+
+    async def _queue(
+        self, credential: str, key: str, limit: RateLimit, started: float, delay: float
+    ) -> float:
+        """Wait in `key`'s queue for the dispatcher to hand this request a slot."""
+        now = self._clock()
+        paused_for = max(self._paused_until.get(credential, 0.0) - now, 0.0)
+        queue = self._queues.get(credential)
+        ahead = queue.slots_ahead(key) if queue is not None else 0
+        expected = expected_wait(limit, max(delay - (now - started), paused_for), ahead)
+        if expected > limit.max_wait - (now - started) + EPSILON:
+            raise self._refused(credential, limit, refusal(limit, expected, paused_for))
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), limit, started)
+        if queue is None:
+            queue = self._queues[credential] = FairQueue()
+            first = max(delay - (now - started) - horizon(limit).max_wait, 0.0)
+            self._dispatchers[credential] = asyncio.create_task(
+                self._dispatch(credential, queue, first), name=f"ratelimit:{credential}"
+            )
+        queue.join(key, waiter)
+        try:
+            await waiter.future
+        finally:
+            queue.remove(key, waiter)  # it left, or its time ran out; a no-op once served
+        waited = self._clock() - started
+        self._metrics.ratelimit_delayed.labels(credential).observe(waited)
+        return waited
+
+    async def _dispatch(self, credential: str, queue: FairQueue[_Waiter], first: float) -> None:
+        """Hand the budget's slots to `queue`'s connections in turn while it has waiters."""
+        try:
+            if first > 0:
+                await self._sleep(self._nap(queue, first))
+            await self._serve(credential, queue)
+        except Exception:  # a bug must not leave the waiters hanging: they are refused below
+            log.exception("ratelimit.dispatch.crashed", credential=credential)
+        finally:
+            # No await between the last look at the queue and this: a request that finds
+            # the queue joins a live dispatcher, one that does not starts a new one.
+            for waiter in queue.waiters():
+                if not waiter.future.done():
+                    refuse = Refuse(waiter.limit.interval, "wait", waiter.limit.max_wait)
+                    waiter.future.set_exception(self._refused(credential, waiter.limit, refuse))
+            if self._queues.get(credential) is queue:
+                del self._queues[credential]
+                del self._dispatchers[credential]
+
+    async def _serve(self, credential: str, queue: FairQueue[_Waiter]) -> None:
+        while True:
+            self._expire(credential, queue)
+            if not queue:
+                return
+            limit = self._limit(credential)
+            near = horizon(limit)
+            outcome = await self._decide(credential, near)
+            if isinstance(outcome, Refuse):  # wake when the next slot is near
+                await self._sleep(self._nap(queue, outcome.wait - near.max_wait))
+                continue
+            if outcome.delay > 0:
+                await self._sleep(outcome.delay)
+            waiter = queue.pop()  # the turn is decided when the slot is due
+            while waiter is not None and waiter.future.done():
+                waiter = queue.pop()
+            if waiter is not None:
+                waiter.future.set_result(outcome.delay)
+            # The next slot as the budget last answered: no ask before it is near.
+            later = next_slot(self._bucket(credential), self._clock(), limit)[0] - near.max_wait
+            if later > 0 and queue:
+                await self._sleep(self._nap(queue, later))
+
+    def _nap(self, queue: FairQueue[_Waiter], seconds: float) -> float:
+        """`seconds`, but not past the first waiter's deadline, and never zero."""
+        return max(min(seconds, self._until_deadline(queue)), EPSILON)
+
+    def _until_deadline(self, queue: FairQueue[_Waiter]) -> float:
+        """Seconds until the first waiter's time runs out (at least a microsecond)."""
+        soonest = min((w.deadline for w in queue.waiters()), default=math.inf)
+        return max(soonest - self._clock(), EPSILON)
+
+    def _expire(self, credential: str, queue: FairQueue[_Waiter]) -> None:
+        """Refuse the waiters whose `max_wait` ran out before a slot came."""
+        now = self._clock()
+        paused_for = max(self._paused_until.get(credential, 0.0) - now, 0.0)
+        for waiter in queue.waiters():
+            if waiter.deadline <= now + EPSILON and not waiter.future.done():
+                waited = now - waiter.started
+                outcome = refusal(waiter.limit, waited + waiter.limit.interval, paused_for)
+                waiter.future.set_exception(self._refused(credential, waiter.limit, outcome))
+        for waiter in [w for w in queue.waiters() if w.future.done()]:
+            queue.remove(waiter.key, waiter)
 
     async def pause(self, credential: str, seconds: float) -> None:
-        """Pause the credential for `seconds` on every replica (locally without Redis)."""
+        """Pause the budget and those linked to it for `seconds` on every replica (locally
+        without Redis): Cloudbeds' pause holds for the app's token calls too."""
+        for budget in self._linked.get(credential, (credential,)):
+            await self._pause_one(budget, seconds)
+
+    async def _pause_one(self, credential: str, seconds: float) -> None:
         now = self._clock()
         self._local[credential] = paused(self._bucket(credential), now, seconds)
         self._note_pause(credential, now, seconds)
@@ -220,6 +442,13 @@ class Limiter:
         else:
             self._leave_fallback()
 
+    async def close(self) -> None:
+        """Stop the dispatchers (at shutdown); their waiters are refused."""
+        tasks = list(self._dispatchers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def describe(self, credential: str) -> dict[str, Any]:
         """The credential's limit and state, for the status page. Never a Redis call."""
         limit = self._limit(credential)
@@ -233,6 +462,15 @@ class Limiter:
             "paused_until": paused_until,
             "mode": self.mode,
         }
+
+    def queued(self, credential: str) -> tuple[int, int]:
+        """(requests waiting, connections they are for) of the budget in this process: the
+        only per-connection state the limiter holds."""
+        queue = self._queues.get(credential)
+        waiting = queue.waiters() if queue is not None else []
+        reserving = {k: n for (b, k), n in self._reserving.items() if b == credential}
+        keys = {w.key for w in waiting} | set(reserving)
+        return len(waiting) + sum(reserving.values()), len(keys)
 
     @property
     def mode(self) -> Mode:

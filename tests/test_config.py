@@ -426,3 +426,45 @@ def test_refresh_scheduling_values_are_checked(variable: str, value: str, says: 
     message = error_for({**OAUTH, variable: value})
     assert message.startswith(f"{variable}:")
     assert says in message
+
+
+APP_TOML = """
+[apps.partner]
+client_id = "partner-client"
+client_secret = "partner-secret"
+redirect_uri = "https://partner.example/callback"
+rate_limit = 10
+rate_burst = 10
+"""
+
+
+def test_an_app_reserves_a_token_share_by_default(tmp_path: Path) -> None:
+    [app] = load_settings({}, toml(tmp_path, APP_TOML)).apps
+    assert app.token_share == 0.2
+    assert (app.budget, app.token_budget) == ("app:partner", "app:partner/tokens")
+    connection = app.connection("partner.property.1")
+    assert (connection.budget, connection.token_budget) == (app.budget, app.token_budget)
+
+
+def test_a_token_share_of_zero_keeps_one_budget(tmp_path: Path) -> None:
+    [app] = load_settings({}, toml(tmp_path, APP_TOML + "token_share = 0\n")).apps
+    assert app.token_budget == app.budget == "app:partner"
+    assert app.connection("c").token_budget == "app:partner"
+
+
+def test_a_configured_credential_keeps_one_budget(tmp_path: Path) -> None:
+    default, _ = load_settings({}, toml(tmp_path)).credentials
+    assert default.token_budget == default.budget == "default"
+
+
+@pytest.mark.parametrize("share", ["1", "1.5", "-0.1", '"much"', "nan"])
+def test_a_token_share_is_a_fraction(tmp_path: Path, share: str) -> None:
+    message = error_for({}, toml(tmp_path, APP_TOML + f"token_share = {share}\n"))
+    assert message.startswith("[apps.partner].token_share:")
+
+
+def test_a_split_budget_needs_a_burst_of_two(tmp_path: Path) -> None:
+    text = APP_TOML.replace("rate_burst = 10", "rate_burst = 1")
+    assert error_for({}, toml(tmp_path, text)).startswith("[apps.partner].rate_burst:")
+    settings = load_settings({}, toml(tmp_path, text + "token_share = 0\n"))
+    assert settings.apps[0].rate_burst == 1

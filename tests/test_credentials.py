@@ -49,8 +49,9 @@ class Fleet:
         self.tasks: list[asyncio.Task[None]] = []
         self.credentials: list[ApiKeyCredential] = []
 
-    async def gate(self, budget: str, wait: float) -> None:
+    async def gate(self, budget: str, connection: str, wait: float) -> None:
         self.gated.append(budget)
+        assert connection == NAME
 
     async def replica(self) -> ApiKeyCredential:
         keepalive = KeepAlive(
@@ -110,7 +111,7 @@ async def test_an_idle_key_gets_one_keepalive_per_interval_from_one_replica(flee
     assert fleet.keepalives() == 0
     await fleet.at(due + 1)
     assert fleet.keepalives() == 1
-    assert fleet.gated == ["app:alpha"]  # the app's budget, through the token calls' gate
+    assert fleet.gated == ["app:alpha"]  # the token calls' budget (no share set: the app's)
     used = await fleet.store.last_used([NAME])
     assert used[NAME] >= due
     # Used again by a request (the registry's batch): no keep-alive until idle again.

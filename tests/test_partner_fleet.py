@@ -496,13 +496,10 @@ def record_calls(state: FakeCloudbeds) -> list[tuple[float, str, str]]:
     """(time, client id, "token" or "api") of every call the fake counts, for diagnosis."""
     calls: list[tuple[float, str, str]] = []
     count = state.count_call
-    tokens = state.token_calls_by_client
 
-    def counted(client_id: str) -> None:
-        seen = sum(tokens[client_id].values()) if client_id in tokens else 0
-        kind = "token" if seen > sum(k == client_id for _, k, w in calls if w == "token") else "api"
-        calls.append((state.clock(), client_id, kind))
-        count(client_id)
+    def counted(client_id: str, *, token: bool = False) -> None:
+        calls.append((state.clock(), client_id, "token" if token else "api"))
+        count(client_id, token=token)
 
     state.count_call = counted  # type: ignore[method-assign]
     return calls

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.fake_cloudbeds import FakeCloudbeds
+from proxy.fake_cloudbeds import FakeCloudbeds, Grant
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, fake_env, wait_ready
 
@@ -476,3 +476,102 @@ async def test_redis_down_local_shares_keep_the_fleet_under_the_limit(
     assert kinds["ok"] >= RATE * 6.0 * 0.6  # the shares add up to the rate, roughly
     for proxy in fleet:
         assert '"ratelimit.fallback.local"' in proxy.log_text()
+
+
+# --- 5. an app: fair among its connections, token calls within their share ----------
+
+APP_CLIENT, APP_SECRET = "fair-client", "fair-secret"
+APP_REDIRECT = "https://partner.example/fair/callback"
+APP_ADMIN = {"Authorization": "Bearer fair-admin-token"}
+APP_RATE, APP_BURST, TOKEN_SHARE = 10, 10, 0.2
+TOKEN_CEILING = APP_RATE * TOKEN_SHARE + round(APP_BURST * TOKEN_SHARE)  # 2/s + burst 2
+
+
+def fair_connection(i: int) -> str:
+    return f"fair.property.{7000 + i}"
+
+
+async def import_fair(session: aiohttp.ClientSession, proxy: str, i: int) -> int:
+    body = {"app": "fair", "refresh_token": f"fair-rt-{i}", "properties": [str(7000 + i)]}
+    url = f"{proxy}/_proxy/admin/connections/{fair_connection(i)}"
+    async with session.put(url, json=body, headers=APP_ADMIN) as response:
+        await response.read()
+        return response.status
+
+
+async def test_a_paced_connection_is_served_while_another_floods_and_tokens_keep_their_share(
+    fake_cloudbeds: Fake, redis_url: str, key_prefix: str, start_fleet: Fleet, tmp_path: Path
+) -> None:
+    fake, fake_url = fake_cloudbeds
+    fake.add_app(APP_CLIENT, APP_SECRET, APP_REDIRECT)
+    storm = range(2, 14)  # connections imported during the load: a token call each
+    for i in [0, 1, *storm]:
+        fake.add_refresh_token(f"fair-rt-{i}", Grant(APP_CLIENT, (str(7000 + i),)))
+    config = tmp_path / "fair.toml"
+    config.write_text(
+        f'[apps.fair]\nclient_id = "{APP_CLIENT}"\nclient_secret = "{APP_SECRET}"\n'
+        f'redirect_uri = "{APP_REDIRECT}"\nrate_limit = {APP_RATE}\nrate_burst = {APP_BURST}\n'
+        f"token_share = {TOKEN_SHARE}\n"
+    )
+    env = {
+        key: value
+        for key, value in fleet_env(fake_url, redis_url, key_prefix).items()
+        if not key.startswith(("CBPROXY_CLIENT_", "CBPROXY_REFRESH_TOKEN", "CBPROXY_REDIRECT"))
+    }
+    env["CBPROXY_ADMIN_TOKEN"] = APP_ADMIN["Authorization"].removeprefix("Bearer ")
+    fleet = await start_fleet(env, 2, ("--config", str(config)))
+    flood: list[Outcome] = []
+    paced: list[Outcome] = []
+    storm_kinds: collections.Counter[str] = collections.Counter()
+    stop = time.monotonic() + 8.0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        assert [await import_fair(session, fleet[i].url, i) for i in (0, 1)] == [201, 201]
+
+        async def flooder(k: int) -> None:
+            while time.monotonic() < stop:
+                proxy = fleet[k % 2].url
+                outcome = await call(session, proxy, credential=fair_connection(0), tag="f")
+                flood.append(outcome)
+                k += 1
+                if outcome.kind == "rate_limited":
+                    await asyncio.sleep(0.05)
+
+        async def pacer() -> None:
+            k = 0
+            while time.monotonic() < stop:
+                await asyncio.sleep(0.5)
+                proxy = fleet[k % 2].url
+                paced.append(await call(session, proxy, credential=fair_connection(1), tag="p"))
+                k += 1
+
+        async def importer() -> list[int]:
+            await asyncio.sleep(1.0)  # the flood has filled the queues by then
+            jobs = (import_fair(session, fleet[i % 2].url, i) for i in storm)
+            statuses = list(await asyncio.gather(*jobs))
+            # A connection's first request makes its first token call (none is made ahead
+            # for a connection nobody used); the request itself may meet the flood.
+            used = (call(session, fleet[i % 2].url, credential=fair_connection(i), tag="s")
+                    for i in storm)  # fmt: skip
+            storm_kinds.update(o.kind for o in await asyncio.gather(*used))
+            return statuses
+
+        *_, imported = await asyncio.gather(*(flooder(k) for k in range(30)), pacer(), importer())
+
+    kinds = collections.Counter(o.kind for o in paced)
+    flood_kinds = collections.Counter(o.kind for o in flood)
+    token_calls = sum(fake.token_calls_by_client[APP_CLIENT].values())
+    busiest = fake.max_in_window(APP_CLIENT)
+    busiest_tokens = fake.max_in_window(APP_CLIENT, tokens=True)
+    print(
+        f"\n[ratelimit e2e] app {APP_RATE}/s burst {APP_BURST}, token share {TOKEN_SHARE}: "
+        f"paced {dict(kinds)}, flood {dict(flood_kinds)}, imports {imported}, "
+        f"{token_calls} token calls; busiest second {busiest} (ceiling "
+        f"{APP_RATE + APP_BURST}), of token calls {busiest_tokens} (ceiling {TOKEN_CEILING})"
+    )
+    assert kinds == {"ok": len(paced)} and len(paced) >= 10  # never refused by the flood
+    assert flood_kinds["rate_limited"] > 0 and flood_kinds["ok"] > 0  # its excess is
+    assert set(flood_kinds) <= {"ok", "rate_limited"}
+    assert set(storm_kinds) <= {"ok", "rate_limited"}
+    assert token_calls >= 2 + len(storm) // 2  # the storm's token calls met the flood
+    assert busiest <= APP_RATE + APP_BURST
+    assert busiest_tokens <= TOKEN_CEILING

@@ -113,7 +113,7 @@ async def access_token(request: web.Request) -> web.Response:
     grant, client_id = form.get("grant_type", ""), form.get("client_id", "")
     state.token_calls[grant] += 1
     state.token_calls_by_client[client_id][grant] += 1
-    state.count_call(client_id)
+    state.count_call(client_id, token=True)
     if state.token_delay:
         await asyncio.sleep(state.token_delay)
     if state.token_failures > 0:

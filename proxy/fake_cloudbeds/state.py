@@ -81,6 +81,9 @@ class FakeCloudbeds(Installs):
     _call_times: collections.defaultdict[str, list[float]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list), init=False, repr=False
     )
+    _token_times: collections.defaultdict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list), init=False, repr=False
+    )
     _next_property: int = dataclasses.field(default=FIRST_FRESH_PROPERTY, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -212,15 +215,19 @@ class FakeCloudbeds(Installs):
 
     # --- rate counting ------------------------------------------------------------------
 
-    def count_call(self, client_id: str) -> None:
+    def count_call(self, client_id: str, *, token: bool = False) -> None:
         """Count one token or API call against a client id's rate budget, now."""
         now = self.clock()
         self.per_second_by_client[client_id][int(now)] += 1
         bisect.insort(self._call_times[client_id], now)
+        if token:
+            bisect.insort(self._token_times[client_id], now)
 
-    def max_in_window(self, client_id: str, window: float = 1.0) -> int:
-        """The most calls of this client id in any half-open interval [t, t + window)."""
-        times, best, start = self._call_times.get(client_id, []), 0, 0
+    def max_in_window(self, client_id: str, window: float = 1.0, *, tokens: bool = False) -> int:
+        """The most calls (or only token calls) of this client id in any half-open interval
+        [t, t + window): its busiest sliding second."""
+        calls = self._token_times if tokens else self._call_times
+        times, best, start = calls.get(client_id, []), 0, 0
         for end, t in enumerate(times):
             while t - times[start] >= window:
                 start += 1
@@ -248,6 +255,7 @@ class FakeCloudbeds(Installs):
                 c: {str(s): n for s, n in v.items()} for c, v in self.per_second_by_client.items()
             },
             max_in_window={c: self.max_in_window(c) for c in clients},
+            max_token_calls_in_window={c: self.max_in_window(c, tokens=True) for c in clients},
             api_log=list(self.api_log),
             app_state_calls=list(self.app_state_calls),
         )
