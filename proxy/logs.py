@@ -47,16 +47,21 @@ _held_values: dict[str, int] = {}
 scanned, so a line costs the same at 10 connections as at 10,000."""
 _WORD = re.compile(r"[A-Za-z0-9._~+/-]{6,}=*")
 """A run of token characters: a received or held token shows up in a line as one of these."""
+_searched: tuple[str, ...] = ()
+"""`_configured` and `_received` as one tuple, rebuilt when either changes (rarely: at
+start and once per token received), so a line does not rebuild it."""
 
 
 def register_secret(value: str | None, *, configured: bool = False) -> None:
     """Remember a secret so that no log line ever shows it (short values are ignored)."""
     if not value or len(value) < 6 or value in _configured or value in _received:
         return
+    global _searched  # noqa: PLW0603 (the module's own cache of the two collections above)
     if configured:
         _configured.add(value)
     else:
         _received.append(value)
+    _searched = (*_configured, *_received)
 
 
 def hold_secrets(owner: str, *values: str | None) -> None:
@@ -73,13 +78,21 @@ def hold_secrets(owner: str, *values: str | None) -> None:
 
 
 def _scrub(value: str) -> str:
-    value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
-    # Configured secrets (a few, and of any characters) and the newest received tokens are
-    # searched for; the held ones, one or two per connection, are looked up word by word.
-    for secret in (*_configured, *_received):
+    # The patterns (case-insensitive) need "bearer" or "cbat_": a substring test of the
+    # lowered line finds out whether the expression has anything to do, at a fraction of
+    # its cost.
+    lowered = value.lower()
+    if "bearer" in lowered or "cbat_" in lowered:
+        value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
+    # Configured secrets (a few, and of any characters) and the newest received tokens (at
+    # most 64) are searched for, so one is caught inside a longer word too; the held ones,
+    # one or two per connection, are looked up word by word: the words of the line are
+    # collected once and tested against them as a set, and only a line that holds one is
+    # rewritten.
+    for secret in _searched:
         if secret in value:
             value = value.replace(secret, REDACTED)
-    if _held_values:
+    if _held_values and not _held_values.keys().isdisjoint(_WORD.findall(value)):
         value = _WORD.sub(_held_word, value)
     return value
 

@@ -180,3 +180,7 @@ def test_every_connections_held_secret_is_redacted_by_lookup() -> None:
     for n in range(2000):
         log_module.hold_secrets(f"conn-{n}")
     assert not [v for v in log_module._held_values if v.startswith("held-refresh")]
+
+
+def test_patterns_are_found_in_any_case() -> None:
+    assert logs._scrub("x CBAT_AbC123 y BEARER tok-1") == f"x {REDACTED} y BEARER {REDACTED}"
