@@ -8,11 +8,15 @@ and every secret the process knows (configured or received) is masked wherever i
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import math
 import re
 import sys
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 import structlog
@@ -125,6 +129,65 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+Scalar = str | int | float | bool | None
+_flat: tuple[tuple[Any, ...], TextIO | None, bool] | None = None
+"""(the processor chain `configure` installed, its stream, whether info lines pass) when
+the format is JSON; None otherwise."""
+
+
+def info_flat(event: str, fields: Mapping[str, Scalar], context: Mapping[str, str]) -> None:
+    """Log an info line of scalar fields as the JSON chain renders it, without the chain.
+
+    The same line, key for key and byte for byte, as `structlog` with the processors of
+    `configure` writes for `log.info(event, **fields)` with `context` bound as contextvars:
+    the fields, `event`, the context, `level`, `timestamp`, each value redacted. Used for
+    the one line every request writes; anywhere the chain is not the JSON one `configure`
+    installed (the console format, a test's `capture_logs`), the line goes through it.
+    """
+    flat = _flat
+    # structlog changes its processor list in place (capture_logs does): compare contents.
+    if flat is None or tuple(structlog.get_config()["processors"]) != flat[0]:
+        structlog.get_logger("proxy.access").info(event, **fields, **context)
+        return
+    _, stream, passes = flat
+    if not passes:
+        return
+    values: dict[str, Scalar] = {**fields, "event": event}
+    for name, given in context.items():
+        values.setdefault(name, given)  # as structlog's merge_contextvars does
+    joined = "\n".join([v for v in values.values() if isinstance(v, str)])
+    clean = joined == _scrub(joined)  # nearly always: then no field needs scrubbing
+    parts = []
+    for key, value in values.items():
+        if key.lower() in _SECRET_KEYS and value:
+            rendered = '"' + REDACTED + '"'
+        elif isinstance(value, str):
+            text = value if clean else _scrub(value)
+            rendered = encode_basestring_ascii(text)
+        else:
+            rendered = _json_scalar(value)
+        parts.append(f"{encode_basestring_ascii(key)}: {rendered}")
+    now = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+    out = stream or sys.stdout  # as PrintLogger: standard output as it is now
+    out.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{now}"}}\n')
+    out.flush()
+
+
+def _json_scalar(value: Scalar) -> str:
+    """What `json.dumps` makes of a scalar that is not a string."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    if not isinstance(value, int | float):
+        raise TypeError(f"not a scalar: {type(value).__name__}")  # never rendered unscrubbed
+    return json.dumps(value)
+
+
 def configure(
     log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO
 ) -> None:
@@ -148,6 +211,9 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+    global _flat  # noqa: PLW0603 (set once, at start, like structlog's own configuration)
+    json_chain = log_format == "json"
+    _flat = (tuple(processors), stream, level <= logging.INFO) if json_chain else None
     # Library loggers (aiohttp's own errors) go through the same redaction.
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(

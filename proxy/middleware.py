@@ -17,14 +17,13 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy import endpoints
+from proxy import endpoints, logs
 from proxy.errors import BodyIncomplete, ProxyError
 from proxy.forwarding import EXCHANGE, Exchange, error_body
 from proxy.headers import REQUEST_ID, check_target
 from proxy.runtime import PUBLIC, RUNTIME
 
 log = structlog.get_logger("proxy.app")
-access_log = structlog.get_logger("proxy.access")
 PROXY_ERROR_HEADER = "X-Cloudbeds-Proxy-Error"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -145,14 +144,19 @@ def _access(request: web.Request, response: web.StreamResponse | None, duration:
     runtime = request.app.get(RUNTIME)
     if runtime is not None:
         runtime.metrics.requests.labels(request.method, f"{status // 100}xx").inc()
-    access_log.info(
+    # Rendered without the generic processor chain (the same line, see logs.info_flat):
+    # every request writes one.
+    logs.info_flat(
         "request",
-        method=request.method,
-        path=request.path,
-        status=status,
-        bytes=sent,
-        duration_ms=round(duration * 1000, 2),
-        credential=exchange.credential,
-        upstream_request_id=exchange.upstream_request_id,
-        cut_short=exchange.cut_short,
+        {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(duration * 1000, 2),
+            "credential": exchange.credential,
+            "upstream_request_id": exchange.upstream_request_id,
+            "cut_short": exchange.cut_short,
+        },
+        {"request_id": exchange.request_id},
     )
