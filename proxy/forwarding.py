@@ -47,9 +47,8 @@ from proxy.errors import (
 from proxy.headers import (
     REQUEST_ID,
     check_answer_head,
-    decode_raw,
-    downstream_headers,
-    upstream_headers,
+    downstream_headers_of,
+    upstream_headers_of,
 )
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
@@ -193,9 +192,7 @@ class Forwarder:
         header: tuple[str, str],
         body: bytes | _BodyStream | None,
     ) -> aiohttp.ClientResponse:
-        headers = upstream_headers(
-            decode_raw(request.raw_headers), header, request[EXCHANGE].request_id
-        )
+        headers = upstream_headers_of(request.raw_headers, header, request[EXCHANGE].request_id)
         settings = self._settings
         url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
@@ -292,14 +289,13 @@ class Forwarder:
         self, request: web.Request, upstream: aiohttp.ClientResponse, credential: str
     ) -> web.StreamResponse:
         try:
-            answer_headers = decode_raw(upstream.raw_headers)
+            headers = downstream_headers_of(upstream.raw_headers)
         except InvalidHeaderBytes:
             upstream.close()
             raise UpstreamInvalidResponse(
                 "Cloudbeds answered a header whose bytes are not UTF-8, which the proxy "
                 "cannot pass unchanged; retry later"
             ) from None
-        headers = downstream_headers(answer_headers)
         exchange = request[EXCHANGE]
         if exchange.not_replayed:
             headers[NOT_REPLAYED] = "body-streamed"
