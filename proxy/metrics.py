@@ -21,6 +21,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._answered: dict[tuple[str, str], Counter] = {}
         self.requests = Counter(
             "cbproxy_requests", "Requests answered", ["method", "status_class"], registry=r
         )
@@ -109,6 +110,19 @@ class Metrics:
             "(0 on the others; at most one read's batch)",
             registry=r,
         )
+
+    def answered(self, method: str, status_class: str) -> None:
+        """Count one request answered: the child series is bound once per label pair.
+
+        `labels()` looks its child up under a lock each time; the pairs are few (methods
+        by status classes, the same set the series already are), so each is kept.
+        """
+        child = self._answered.get((method, status_class))
+        if child is None:
+            child = self._answered[method, status_class] = self.requests.labels(
+                method, status_class
+            )
+        child.inc()
 
     def count_connections(self, counts: ConnectionCounts) -> None:
         """`cbproxy_connections{app, state}`, computed from `counts` at each scrape."""

@@ -25,6 +25,7 @@ from proxy.runtime import PUBLIC, RUNTIME
 
 log = structlog.get_logger("proxy.app")
 PROXY_ERROR_HEADER = "X-Cloudbeds-Proxy-Error"
+_STATUS_CLASS = {status: f"{status // 100}xx" for status in range(100, 600)}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -143,7 +144,7 @@ def _access(request: web.Request, response: web.StreamResponse | None, duration:
         sent = response.content_length or 0
     runtime = request.app.get(RUNTIME)
     if runtime is not None:
-        runtime.metrics.requests.labels(request.method, f"{status // 100}xx").inc()
+        runtime.metrics.answered(request.method, _STATUS_CLASS.get(status) or f"{status // 100}xx")
     # Rendered without the generic processor chain (the same line, see logs.info_flat):
     # every request writes one.
     logs.info_flat(
