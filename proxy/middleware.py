@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -55,7 +55,8 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID, "")
     if 0 < len(given) <= 200 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, the shape uuid4().hex had, without building a UUID.
+    return os.urandom(16).hex()
 
 
 @web.middleware
