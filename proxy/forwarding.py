@@ -174,8 +174,13 @@ class Forwarder:
             raise BodyTooLarge(_too_large(limit))
         if not request.body_exists:
             return None
-        stream = _BodyStream(request.content, limit, self._settings.read_timeout)
-        if length is not None and length <= self._settings.replay_body_bytes:
+        content = request.content
+        buffered = length is not None and length <= self._settings.replay_body_bytes
+        # A body that came whole with its head (a form of a few KiB does): no read to wait for.
+        if buffered and _complete(content, length):
+            return content.read_nowait()
+        stream = _BodyStream(content, limit, self._settings.read_timeout)
+        if buffered:
             try:
                 return b"".join([chunk async for chunk in stream])
             except (ConnectionError, aiohttp.ClientPayloadError):
@@ -365,6 +370,11 @@ class Forwarder:
         return response
 
 
+def _complete(content: aiohttp.StreamReader, length: int | None) -> bool:
+    """All `length` bytes of a fresh body have arrived (to the buffer) and none failed."""
+    return content.is_eof() and content.total_bytes == length and content.exception() is None
+
+
 def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
     """The answer's body when it has all arrived already, with a Content-Length; else None.
 
@@ -376,9 +386,7 @@ def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> by
     content = upstream.content
     if (
         upstream.content_length is None
-        or not content.is_eof()
-        or content.total_bytes != upstream.content_length  # (the parser ended it early)
-        or content.exception() is not None
+        or not _complete(content, upstream.content_length)
         or request.method == "HEAD"
         or upstream.status < 200
         or upstream.status in (204, 304)
