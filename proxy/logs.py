@@ -8,16 +8,19 @@ and every secret the process knows (configured or received) is masked wherever i
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime
 import json
 import logging
 import math
 import re
 import sys
+import threading
 from collections import deque
 from collections.abc import Mapping, MutableMapping
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -129,8 +132,54 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+class TickWriter:
+    """Standard output, written once per turn of the event loop rather than once per line.
+
+    With PYTHONUNBUFFERED (containers set it) every line would be a system call of its
+    own, a large part of a request's cost: lines written while the loop runs are joined
+    and written (then flushed) by a callback the loop runs at its next turn, in the order
+    they came. Outside a running loop, past 64 KiB waiting, and at exit, lines are written
+    at once; at most one turn's lines wait.
+    """
+
+    _LIMIT = 64 * 1024
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._size = 0
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.drain)
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._size >= self._LIMIT:
+            self.drain()
+        elif self._scheduled_on is not loop:  # (a loop that closed never ran its callback)
+            self._scheduled_on = loop
+            loop.call_soon(self.drain)
+
+    def drain(self) -> None:
+        """Write what waits to standard output (as it is now: a test may have replaced it)."""
+        with self._lock:
+            self._scheduled_on = None
+            pending, self._pending, self._size = self._pending, [], 0
+            if pending:
+                sys.stdout.write("".join(pending))
+                sys.stdout.flush()
+
+
 Scalar = str | int | float | bool | None
-_flat: tuple[tuple[Any, ...], TextIO | None, bool] | None = None
+_flat: tuple[tuple[Any, ...], TextIO, bool] | None = None
 """(the processor chain `configure` installed, its stream, whether info lines pass) when
 the format is JSON; None otherwise."""
 
@@ -168,9 +217,8 @@ def info_flat(event: str, fields: Mapping[str, Scalar], context: Mapping[str, st
             rendered = _json_scalar(value)
         parts.append(f"{encode_basestring_ascii(key)}: {rendered}")
     now = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
-    out = stream or sys.stdout  # as PrintLogger: standard output as it is now
-    out.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{now}"}}\n')
-    out.flush()
+    stream.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{now}"}}\n')
+    stream.flush()
 
 
 def _json_scalar(value: Scalar) -> str:
@@ -188,10 +236,20 @@ def _json_scalar(value: Scalar) -> str:
     return json.dumps(value)
 
 
+_stdout: TickWriter | None = None
+
+
 def configure(
     log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO
 ) -> None:
-    """Configure structlog (and the stdlib loggers of aiohttp and redis) once, at start."""
+    """Configure structlog (and the stdlib loggers of aiohttp and redis) once, at start.
+
+    Without a `stream`, lines go to standard output through one `TickWriter`.
+    """
+    global _flat, _stdout  # noqa: PLW0603 (set once, at start, like structlog's own configuration)
+    if stream is None:
+        _stdout = _stdout or TickWriter()
+        stream = cast("TextIO", _stdout)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
@@ -208,14 +266,13 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    global _flat  # noqa: PLW0603 (set once, at start, like structlog's own configuration)
     json_chain = log_format == "json"
     _flat = (tuple(processors), stream, level <= logging.INFO) if json_chain else None
     # Library loggers (aiohttp's own errors) go through the same redaction.
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

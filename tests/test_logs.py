@@ -225,3 +225,34 @@ def test_flat_line_goes_through_the_chain_when_it_is_not_the_json_one() -> None:
 
 def test_patterns_are_found_in_any_case() -> None:
     assert logs._scrub("x CBAT_AbC123 y BEARER tok-1") == f"x {REDACTED} y BEARER {REDACTED}"
+
+
+def test_standard_output_is_written_once_per_loop_turn(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Lines logged during one turn of the loop reach standard output together, in order,
+    at the next turn; outside a loop at once."""
+    import asyncio
+
+    logs.configure("json")
+    try:
+        structlog.get_logger("test").info("outside")
+        assert '"event": "outside"' in capsys.readouterr().out
+
+        async def turn() -> tuple[str, str]:
+            structlog.get_logger("test").info("first")
+            logs.info_flat("request", {"path": f"/x?{SECRET}"}, {"request_id": "rid-3"})
+            logging.getLogger("aiohttp.server").warning("library line")
+            during = capsys.readouterr().out
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return during, capsys.readouterr().out
+
+        during, after = asyncio.run(turn())
+        assert during == ""
+        lines = [json.loads(line) for line in after.splitlines()]
+        assert [line["event"] for line in lines] == ["first", "request", "library line"]
+        assert SECRET not in after
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers[:] = []
