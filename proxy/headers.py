@@ -67,8 +67,12 @@ def check_target(method: str, raw_target: str) -> None:
     if _RAW_CONTROL.search(raw_target) or _ENCODED_CONTROL.search(path):
         raise ForbiddenTarget("the request target holds a control character, a backslash or a '#'")
     # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
-    segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
-    if any(s in (".", "..") for s in segments):
+    # (A path without `%` is its own decoding: split once.)
+    if "%" in path:
+        segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
+    else:
+        segments = path.split("/")[1:]
+    if "." in segments or ".." in segments:
         raise ForbiddenTarget("the path holds a '.' or '..' segment; send the resolved path")
     named = [s for s in segments if s]
     if named and named[-1].lower() in _MINTING_SEGMENTS:
