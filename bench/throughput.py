@@ -16,6 +16,8 @@ the requests it answered in that run. Figures are medians over the rounds.
 
     .venv/bin/python bench/throughput.py [--duration 5] [--rounds 3] [--connections 32,256]
         [--upstream auto|nginx|fake] [--loadgen auto|wrk|aiohttp]
+    .venv/bin/python bench/throughput.py [--duration 5] [--rounds 3] workers
+        (serve --workers 2 against --workers 1, nginx and wrk, nothing pinned)
 """
 
 from __future__ import annotations
@@ -475,6 +477,73 @@ def start_proxies(
     return what, naive, product
 
 
+def process_tree_cpu(pid: int) -> float:
+    """utime + stime of `pid` and of its children (the workers of `serve --workers N`)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        kids = [int(k) for k in children.read().split()]
+    return cpu_seconds(pid) + sum(cpu_seconds(k) for k in kids)
+
+
+def run_workers(args: argparse.Namespace) -> None:
+    """`serve --workers 1` against `--workers 2`, nothing pinned: the scaling on all cores.
+
+    Both serve at once (each its own port and Redis prefix) and take turns under the same
+    load (GET at the last connection count), in interleaved rounds; req/s and CPU per
+    request of all the workers together, medians over the rounds.
+    """
+    conns = int(args.connections.split(",")[-1])
+    scenario = SCENARIOS[0]
+    procs = Processes()
+    with tempfile.TemporaryDirectory(prefix="cbproxy-workers-") as tmp_name:
+        tmp = Path(tmp_name)
+        redis = RedisServer()
+        try:
+            redis.start()
+            upstream, version = start_nginx(procs, tmp, None)
+            serving: dict[int, Target] = {}
+            for workers in (1, 2):
+                env = product_env(upstream, free_port(), redis.url)
+                env["CBPROXY_REDIS_PREFIX"] += f"w{workers}"
+                cmd = [sys.executable, "-m", "proxy", "serve", "--workers", str(workers)]
+                out = tmp / f"workers-{workers}.log"
+                process = procs.start(cmd, None, out=out, env=env, cwd=tmp)
+                url = f"http://127.0.0.1:{env['CBPROXY_PORT']}"
+                wait_for(url + "/_proxy/readyz", process, f"serve --workers {workers}")
+                serving[workers] = Target(f"workers={workers}", url, process)
+            cores_ = os.cpu_count()
+            print(f"upstream: nginx {version}; wrk -t2 -c{conns}, nothing pinned; {cores_} cores")
+            results: dict[int, list[Result]] = {1: [], 2: []}
+            for round_no in range(args.rounds + 1):  # the first round warms up
+                for workers in (1, 2) if round_no % 2 == 0 else (2, 1):
+                    target = serving[workers]
+                    cmd = wrk_command(tmp, target.url, scenario, conns, args.duration)
+                    cmd[1] = "-t2"
+                    before = process_tree_cpu(target.process.pid)
+                    got = run_load(cmd, None, target.process.pid, args.duration + 30)
+                    cpu = process_tree_cpu(target.process.pid) - before
+                    result = dataclasses.replace(got, cpu_seconds=cpu)
+                    if round_no:
+                        results[workers].append(result)
+                    print(
+                        f"  round {round_no} {target.name}: {result.rps:.0f} req/s, "
+                        f"{result.cpu_us:.0f} us CPU/req",
+                        flush=True,
+                    )
+        finally:
+            procs.stop_all()
+            redis.stop()
+    one, two = median_result(results[1]), median_result(results[2])
+    print(
+        f"{'workers':<8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} {'errors':>6}"
+    )
+    for name, m in (("1", one), ("2", two)):
+        print(
+            f"{name:<8} {m['rps']:>8.0f} {m['p50']:>8.2f} {m['p99']:>8.2f} {m['cpu']:>10.0f} "
+            f"{m['errors']:>6.0f}"
+        )
+    print(f"{'2 / 1':<8} {two['rps'] / one['rps']:>7.2f}x")
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -690,6 +759,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--post-bytes", type=int, default=0)
     load.add_argument("--connections", type=int, default=32)
     load.add_argument("--duration", type=float, default=5)
+    sub.add_parser(
+        "workers", help="serve --workers 2 against --workers 1, unpinned (GET, last --connections)"
+    )
     summary = sub.add_parser("summarize", help="shares of a profile that --profile wrote")
     summary.add_argument("stacks", type=Path)
     summary.add_argument("--cpu-us", type=float, help="CPU us per request, to convert shares")
@@ -721,6 +793,10 @@ def main() -> None:
         return
     if args.command == "summarize":
         summarize(args.stacks, args.cpu_us)
+        return
+    if args.command == "workers":
+        with stop_on_sigterm():
+            run_workers(args)
         return
     with stop_on_sigterm():
         run(args)

@@ -92,8 +92,10 @@ def create_app(
         _add_install_routes(app.router)
     admin.add_routes(app.router)
     app.router.add_route("*", "/_proxy/{tail:(?s:.*)}", endpoints.not_found)
-    # (?s): a decoded path may hold a newline; it must still reach the target checks.
-    app.router.add_route("*", "/{tail:(?s:.*)}", forward)
+    # Every other path, newlines and all, is forwarded (after the target checks).
+    every_path = EveryPath()
+    app.router.register_resource(every_path)
+    every_path.add_route("*", forward)
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         async with _runtime(settings, store or make_store(settings), clock, metrics) as runtime:
@@ -356,6 +358,24 @@ async def _poll(runtime: Runtime) -> None:
                 runtime.registry.resume()
             store_ok = True
         await asyncio.sleep(runtime.settings.poll_interval)
+
+
+class EveryPath(web.PlainResource):
+    """The forward route: matches every path, with no pattern to run and no path to decode
+    (a `/{tail:.*}` route does both for each request, for a value nobody reads).
+
+    Indexed under `/`, it is tried last, after every `/_proxy/` route, as the catch-all
+    it replaces was.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("/")
+
+    def _match(self, path: str) -> dict[str, str]:
+        return {}
+
+    def raw_match(self, path: str) -> bool:
+        return False  # never reused for another route added under "/"
 
 
 async def forward(request: web.Request) -> web.StreamResponse:

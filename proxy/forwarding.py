@@ -1,9 +1,10 @@
 """Forward one request to Cloudbeds with the credential attached, streaming both ways.
 
 The path and query go upstream exactly as received (`request.raw_path`, `encoded=True`):
-no re-encoding. Bodies stream in both directions; only a body small enough to replay
-after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole first; the
-replay takes its own slot of the rate budget, as every call to Cloudbeds does.
+no re-encoding. Bodies stream in both directions (an answer that has arrived whole by the
+time its head is read, with a Content-Length, goes back in one write); only a body small
+enough to replay after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole
+first; the replay takes its own slot of the rate budget, as every call to Cloudbeds does.
 aiohttp's client adds headers of its own unless told not to (`skip_auto_headers`) and
 decompresses unless told not to (`auto_decompress=False` on the session): the caller's
 bytes and Cloudbeds' bytes pass unchanged.
@@ -27,6 +28,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.callers import Callers
@@ -45,9 +47,8 @@ from proxy.errors import (
 from proxy.headers import (
     REQUEST_ID,
     check_answer_head,
-    decode_raw,
-    downstream_headers,
-    upstream_headers,
+    downstream_headers_of,
+    upstream_headers_of,
 )
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
@@ -173,8 +174,13 @@ class Forwarder:
             raise BodyTooLarge(_too_large(limit))
         if not request.body_exists:
             return None
-        stream = _BodyStream(request.content, limit, self._settings.read_timeout)
-        if length is not None and length <= self._settings.replay_body_bytes:
+        content = request.content
+        buffered = length is not None and length <= self._settings.replay_body_bytes
+        # A body that came whole with its head (a form of a few KiB does): no read to wait for.
+        if buffered and _complete(content, length):
+            return content.read_nowait()
+        stream = _BodyStream(content, limit, self._settings.read_timeout)
+        if buffered:
             try:
                 return b"".join([chunk async for chunk in stream])
             except (ConnectionError, aiohttp.ClientPayloadError):
@@ -191,9 +197,7 @@ class Forwarder:
         header: tuple[str, str],
         body: bytes | _BodyStream | None,
     ) -> aiohttp.ClientResponse:
-        headers = upstream_headers(
-            decode_raw(request.raw_headers), header, request[EXCHANGE].request_id
-        )
+        headers = upstream_headers_of(request.raw_headers, header, request[EXCHANGE].request_id)
         settings = self._settings
         url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
@@ -289,19 +293,22 @@ class Forwarder:
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, credential: str
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         try:
-            answer_headers = decode_raw(upstream.raw_headers)
+            headers = downstream_headers_of(upstream.raw_headers)
         except InvalidHeaderBytes:
             upstream.close()
             raise UpstreamInvalidResponse(
                 "Cloudbeds answered a header whose bytes are not UTF-8, which the proxy "
                 "cannot pass unchanged; retry later"
             ) from None
-        response.headers.extend(downstream_headers(answer_headers))
         exchange = request[EXCHANGE]
         if exchange.not_replayed:
-            response.headers[NOT_REPLAYED] = "body-streamed"
+            headers[NOT_REPLAYED] = "body-streamed"
+        whole = _arrived_whole(request, upstream)
+        if whole is not None:
+            return await self._answer_whole(request, upstream, headers, whole)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(headers)
         try:
             await response.prepare(request)
         except ConnectionError:  # the caller left while Cloudbeds was answering
@@ -329,6 +336,27 @@ class Forwarder:
             return self._cut(request, response, "caller")
         return response
 
+    async def _answer_whole(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> web.StreamResponse:
+        """An answer already received whole goes back as one write: head and body."""
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
+        )
+        exchange = request[EXCHANGE]
+        try:
+            await response.prepare(request)  # a Response's head waits for its body
+            exchange.response_started = True
+            await response.write_eof()
+        except ConnectionError:  # the caller left while Cloudbeds was answering
+            return self._cut(request, response, "caller")
+        exchange.bytes_sent = len(body)
+        return response
+
     @staticmethod
     def _cut(request: web.Request, response: web.StreamResponse, by: str) -> web.StreamResponse:
         """End an answer whose body cannot be completed: close the caller's connection.
@@ -340,6 +368,31 @@ class Forwarder:
         if request.transport is not None:
             request.transport.close()
         return response
+
+
+def _complete(content: aiohttp.StreamReader, length: int | None) -> bool:
+    """All `length` bytes of a fresh body have arrived (to the buffer) and none failed."""
+    return content.is_eof() and content.total_bytes == length and content.exception() is None
+
+
+def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The answer's body when it has all arrived already, with a Content-Length; else None.
+
+    Cloudbeds' usual answer (a few KiB) is in the proxy's buffer by the time its head is
+    read: it goes back in one piece. Anything else (no Content-Length, a body still on its
+    way, one that failed, a HEAD, 1xx, 204 or 304, whose framing aiohttp handles apart)
+    streams.
+    """
+    content = upstream.content
+    if (
+        upstream.content_length is None
+        or not _complete(content, upstream.content_length)
+        or request.method == "HEAD"
+        or upstream.status < 200
+        or upstream.status in (204, 304)
+    ):
+        return None
+    return content.read_nowait()
 
 
 def error_body(exc: ProxyError, request_id: str) -> dict[str, Any]:

@@ -67,8 +67,12 @@ def check_target(method: str, raw_target: str) -> None:
     if _RAW_CONTROL.search(raw_target) or _ENCODED_CONTROL.search(path):
         raise ForbiddenTarget("the request target holds a control character, a backslash or a '#'")
     # A `%2F` is split too: a server that decodes it before routing would see `a/../b`.
-    segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
-    if any(s in (".", "..") for s in segments):
+    # (A path without `%` is its own decoding: split once.)
+    if "%" in path:
+        segments = [part for s in path.split("/")[1:] for part in unquote(s).split("/")]
+    else:
+        segments = path.split("/")[1:]
+    if "." in segments or ".." in segments:
         raise ForbiddenTarget("the path holds a '.' or '..' segment; send the resolved path")
     named = [s for s in segments if s]
     if named and named[-1].lower() in _MINTING_SEGMENTS:
@@ -91,16 +95,23 @@ def _is_hop_by_hop(name: str, dropped: frozenset[str]) -> bool:
     return lowered in dropped or lowered.startswith("proxy-")
 
 
+def _kept(raw: list[tuple[str, str]], direction: int) -> list[int]:
+    """The positions of the headers that go on: upstream (0) or back to the caller (1)."""
+    dropped = _dropped_by_connection(raw)
+    return [
+        i
+        for i, (name, _) in enumerate(raw)
+        if not _is_hop_by_hop(name, dropped)
+        and (direction or name.lower() not in _DROPPED_UPSTREAM)
+    ]
+
+
 def upstream_headers(
     raw: Iterable[tuple[str, str]], credential: tuple[str, str], request_id: str
 ) -> CIMultiDict[str]:
     """The headers to send upstream: the caller's, minus hop-by-hop, plus the credential."""
     raw = list(raw)
-    dropped = _dropped_by_connection(raw)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        if not _is_hop_by_hop(name, dropped) and name.lower() not in _DROPPED_UPSTREAM:
-            out.add(name, value)
+    out = CIMultiDict([raw[i] for i in _kept(raw, 0)])
     out[credential[0]] = credential[1]
     out[REQUEST_ID] = request_id
     return out
@@ -109,12 +120,52 @@ def upstream_headers(
 def downstream_headers(raw: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The upstream response's headers for the caller, minus hop-by-hop."""
     raw = list(raw)
-    dropped = _dropped_by_connection(raw)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        if not _is_hop_by_hop(name, dropped):
-            out.add(name, value)
+    return CIMultiDict([raw[i] for i in _kept(raw, 1)])
+
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+_Plan = tuple[tuple[int, ...], tuple[bytes, ...], tuple[tuple[int, str], ...]]
+"""For one sequence of header names: the positions of its `Connection` headers, their
+values, and the (position, name) of each header kept."""
+_plans: tuple[dict[tuple[bytes, ...], _Plan], dict[tuple[bytes, ...], _Plan]] = ({}, {})
+"""Plans by header names, upstream and downstream: callers and Cloudbeds send the same few
+sets of names over and over, so the rules above run once per set, not once per request."""
+_PLANS_MAX = 256
+"""Names are the sender's choice: past this many sets, a new one is planned but not kept."""
+
+
+def upstream_headers_of(
+    raw: RawHeaders, credential: tuple[str, str], request_id: str
+) -> CIMultiDict[str]:
+    """`upstream_headers(decode_raw(raw), …)`, planned once per set of header names."""
+    out = CIMultiDict([(name, raw[i][1].decode("utf-8")) for i, name in _plan(raw, 0)])
+    out[credential[0]] = credential[1]
+    out[REQUEST_ID] = request_id
     return out
+
+
+def downstream_headers_of(raw: RawHeaders) -> CIMultiDict[str]:
+    """`downstream_headers(decode_raw(raw))`, planned once per set of header names."""
+    return CIMultiDict([(name, raw[i][1].decode("utf-8")) for i, name in _plan(raw, 1)])
+
+
+def _plan(raw: RawHeaders, direction: int) -> tuple[tuple[int, str], ...]:
+    """The (position, name) of each header of `raw` that goes on; refuses bytes not UTF-8."""
+    values = b"\n".join([v for _, v in raw])  # valid UTF-8 joined iff each one is
+    if not values.isascii():
+        decode_raw(raw)  # raises InvalidHeaderBytes for the first header that is not UTF-8
+    names = tuple([k for k, _ in raw])
+    plans = _plans[direction]
+    plan = plans.get(names)
+    if plan is not None and tuple([raw[i][1] for i in plan[0]]) == plan[1]:
+        return plan[2]
+    text = decode_raw(raw)
+    listed = [i for i, (name, _) in enumerate(text) if name.lower() == "connection"]
+    kept = tuple([(i, text[i][0]) for i in _kept(text, direction)])
+    plan = (tuple(listed), tuple([raw[i][1] for i in listed]), kept)
+    if len(plans) < _PLANS_MAX or names in plans:
+        plans[names] = plan
+    return plan[2]
 
 
 def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

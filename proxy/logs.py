@@ -8,12 +8,19 @@ and every secret the process knows (configured or received) is masked wherever i
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import datetime
+import json
 import logging
+import math
 import re
 import sys
+import threading
 from collections import deque
-from collections.abc import MutableMapping
-from typing import Any, TextIO
+from collections.abc import Mapping, MutableMapping
+from json.encoder import encode_basestring_ascii
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -47,16 +54,21 @@ _held_values: dict[str, int] = {}
 scanned, so a line costs the same at 10 connections as at 10,000."""
 _WORD = re.compile(r"[A-Za-z0-9._~+/-]{6,}=*")
 """A run of token characters: a received or held token shows up in a line as one of these."""
+_searched: tuple[str, ...] = ()
+"""`_configured` and `_received` as one tuple, rebuilt when either changes (rarely: at
+start and once per token received), so a line does not rebuild it."""
 
 
 def register_secret(value: str | None, *, configured: bool = False) -> None:
     """Remember a secret so that no log line ever shows it (short values are ignored)."""
     if not value or len(value) < 6 or value in _configured or value in _received:
         return
+    global _searched  # noqa: PLW0603 (the module's own cache of the two collections above)
     if configured:
         _configured.add(value)
     else:
         _received.append(value)
+    _searched = (*_configured, *_received)
 
 
 def hold_secrets(owner: str, *values: str | None) -> None:
@@ -73,13 +85,21 @@ def hold_secrets(owner: str, *values: str | None) -> None:
 
 
 def _scrub(value: str) -> str:
-    value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
-    # Configured secrets (a few, and of any characters) and the newest received tokens are
-    # searched for; the held ones, one or two per connection, are looked up word by word.
-    for secret in (*_configured, *_received):
+    # The patterns (case-insensitive) need "bearer" or "cbat_": a substring test of the
+    # lowered line finds out whether the expression has anything to do, at a fraction of
+    # its cost.
+    lowered = value.lower()
+    if "bearer" in lowered or "cbat_" in lowered:
+        value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
+    # Configured secrets (a few, and of any characters) and the newest received tokens (at
+    # most 64) are searched for, so one is caught inside a longer word too; the held ones,
+    # one or two per connection, are looked up word by word: the words of the line are
+    # collected once and tested against them as a set, and only a line that holds one is
+    # rewritten.
+    for secret in _searched:
         if secret in value:
             value = value.replace(secret, REDACTED)
-    if _held_values:
+    if _held_values and not _held_values.keys().isdisjoint(_WORD.findall(value)):
         value = _WORD.sub(_held_word, value)
     return value
 
@@ -112,10 +132,124 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+class TickWriter:
+    """Standard output, written once per turn of the event loop rather than once per line.
+
+    With PYTHONUNBUFFERED (containers set it) every line would be a system call of its
+    own, a large part of a request's cost: lines written while the loop runs are joined
+    and written (then flushed) by a callback the loop runs at its next turn, in the order
+    they came. Outside a running loop, past 64 KiB waiting, and at exit, lines are written
+    at once; at most one turn's lines wait.
+    """
+
+    _LIMIT = 64 * 1024
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._size = 0
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.drain)
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending.append(text)
+            self._size += len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._size >= self._LIMIT:
+            self.drain()
+        elif self._scheduled_on is not loop:  # (a loop that closed never ran its callback)
+            self._scheduled_on = loop
+            loop.call_soon(self.drain)
+
+    def drain(self) -> None:
+        """Write what waits to standard output (as it is now: a test may have replaced it)."""
+        with self._lock:
+            self._scheduled_on = None
+            pending, self._pending, self._size = self._pending, [], 0
+            if pending:
+                sys.stdout.write("".join(pending))
+                sys.stdout.flush()
+
+
+Scalar = str | int | float | bool | None
+_flat: tuple[tuple[Any, ...], TextIO, bool] | None = None
+"""(the processor chain `configure` installed, its stream, whether info lines pass) when
+the format is JSON; None otherwise."""
+
+
+def info_flat(event: str, fields: Mapping[str, Scalar], context: Mapping[str, str]) -> None:
+    """Log an info line of scalar fields as the JSON chain renders it, without the chain.
+
+    The same line, key for key and byte for byte, as `structlog` with the processors of
+    `configure` writes for `log.info(event, **fields)` with `context` bound as contextvars:
+    the fields, `event`, the context, `level`, `timestamp`, each value redacted. Used for
+    the one line every request writes; anywhere the chain is not the JSON one `configure`
+    installed (the console format, a test's `capture_logs`), the line goes through it.
+    """
+    flat = _flat
+    # structlog changes its processor list in place (capture_logs does): compare contents.
+    if flat is None or tuple(structlog.get_config()["processors"]) != flat[0]:
+        structlog.get_logger("proxy.access").info(event, **fields, **context)
+        return
+    _, stream, passes = flat
+    if not passes:
+        return
+    values: dict[str, Scalar] = {**fields, "event": event}
+    for name, given in context.items():
+        values.setdefault(name, given)  # as structlog's merge_contextvars does
+    joined = "\n".join([v for v in values.values() if isinstance(v, str)])
+    clean = joined == _scrub(joined)  # nearly always: then no field needs scrubbing
+    parts = []
+    for key, value in values.items():
+        if key.lower() in _SECRET_KEYS and value:
+            rendered = '"' + REDACTED + '"'
+        elif isinstance(value, str):
+            text = value if clean else _scrub(value)
+            rendered = encode_basestring_ascii(text)
+        else:
+            rendered = _json_scalar(value)
+        parts.append(f"{encode_basestring_ascii(key)}: {rendered}")
+    now = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+    stream.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{now}"}}\n')
+    stream.flush()
+
+
+def _json_scalar(value: Scalar) -> str:
+    """What `json.dumps` makes of a scalar that is not a string."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    if not isinstance(value, int | float):
+        raise TypeError(f"not a scalar: {type(value).__name__}")  # never rendered unscrubbed
+    return json.dumps(value)
+
+
+_stdout: TickWriter | None = None
+
+
 def configure(
     log_format: str = "json", *, stream: TextIO | None = None, level: int = logging.INFO
 ) -> None:
-    """Configure structlog (and the stdlib loggers of aiohttp and redis) once, at start."""
+    """Configure structlog (and the stdlib loggers of aiohttp and redis) once, at start.
+
+    Without a `stream`, lines go to standard output through one `TickWriter`.
+    """
+    global _flat, _stdout  # noqa: PLW0603 (set once, at start, like structlog's own configuration)
+    if stream is None:
+        _stdout = _stdout or TickWriter()
+        stream = cast("TextIO", _stdout)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
@@ -132,11 +266,13 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    json_chain = log_format == "json"
+    _flat = (tuple(processors), stream, level <= logging.INFO) if json_chain else None
     # Library loggers (aiohttp's own errors) go through the same redaction.
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

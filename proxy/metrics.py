@@ -25,6 +25,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._answered: dict[tuple[str, str], Counter] = {}
         self.requests = Counter(
             "cbproxy_requests", "Requests answered", ["method", "status_class"], registry=r
         )
@@ -130,6 +131,19 @@ class Metrics:
         self.redis_pool_wait.observe(seconds)
         if timed_out:
             self.redis_pool_timeouts.inc()
+
+    def answered(self, method: str, status_class: str) -> None:
+        """Count one request answered: the child series is bound once per label pair.
+
+        `labels()` looks its child up under a lock each time; the pairs are few (methods
+        by status classes, the same set the series already are), so each is kept.
+        """
+        child = self._answered.get((method, status_class))
+        if child is None:
+            child = self._answered[method, status_class] = self.requests.labels(
+                method, status_class
+            )
+        child.inc()
 
     def count_connections(self, counts: ConnectionCounts) -> None:
         """`cbproxy_connections{app, state}`, computed from `counts` at each scrape."""

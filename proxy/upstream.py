@@ -26,14 +26,16 @@ aiohttp offers no public hook for its protocol, so `GuardedConnector` swaps the 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any, cast
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL, set_exception
-from aiohttp.http import RawResponseMessage
+from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
 from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
 
 
 class GuardedResponseHandler(ResponseHandler):
@@ -94,8 +96,34 @@ class GuardedConnector(aiohttp.TCPConnector):
         self._factory = cast("functools.partial[ResponseHandler]", guarded)
 
 
+_SKIP_TABLES: dict[frozenset[str], CIMultiDict[None]] = {}
+"""aiohttp's table of the headers a request must not get added, per set asked for: the
+forwarder asks for the same set every time."""
+
+
 class VerbatimRequest(aiohttp.ClientRequest):
-    """aiohttp's request, minus the `Content-Length: 0` it invents for a bodyless one."""
+    """aiohttp's request, minus the `Content-Length: 0` it invents for a bodyless one.
+
+    Its automatic headers follow aiohttp's rule (each default header and `User-Agent`
+    unless given or skipped) without copying the request's headers and building the
+    skip table anew for every request.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        if skip_auto_headers is None:
+            super().update_auto_headers(skip_auto_headers)
+            return
+        key = frozenset(skip_auto_headers)
+        table = _SKIP_TABLES.get(key)
+        if table is None:
+            table = CIMultiDict((name, None) for name in sorted(key))
+            if len(_SKIP_TABLES) < 16:  # the proxy's own sets: a few at most
+                _SKIP_TABLES[key] = table
+        self._skip_auto_headers = table
+        headers = self.headers
+        for name, value in (*self.DEFAULT_HEADERS.items(), (hdrs.USER_AGENT, SERVER_SOFTWARE)):
+            if name not in headers and name not in table:
+                headers[name] = value
 
     def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
         given = hdrs.CONTENT_LENGTH in self.headers

@@ -3,7 +3,9 @@ input. Deterministic (`derandomize=True`) and bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 from urllib.parse import unquote
 
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,9 @@ from proxy.headers import (
     check_target,
     decode_raw,
     downstream_headers,
+    downstream_headers_of,
     upstream_headers,
+    upstream_headers_of,
 )
 
 FUZZ = settings(
@@ -151,3 +155,40 @@ def _not_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def _outcome(rule: Any, *args: Any) -> Any:
+    try:
+        return list(rule(*args).items())
+    except InvalidHeaderBytes:
+        return InvalidHeaderBytes
+
+
+raw_headers = st.lists(
+    st.one_of(
+        st.tuples(names, header_values).map(lambda h: (h[0].encode(), h[1].encode())),
+        st.tuples(st.sampled_from(NAMES).map(str.encode), st.binary(max_size=8)),
+    ),
+    max_size=12,
+)
+
+
+@FUZZ
+@given(sets=st.lists(raw_headers, min_size=1, max_size=4), order=st.lists(st.integers(0, 3)))
+def test_planned_headers_are_the_rules_headers(
+    sets: list[list[tuple[bytes, bytes]]], order: list[int]
+) -> None:
+    """Planned once per set of names (and Connection values), the same headers as the rules
+    give, and the same refusal of bytes that are not UTF-8, however often a set comes back."""
+    for n in [*range(len(sets)), *order, *range(len(sets))]:
+        raw = tuple(sets[n % len(sets)])
+        text: Any = InvalidHeaderBytes
+        with contextlib.suppress(InvalidHeaderBytes):
+            text = decode_raw(raw)
+        up = _outcome(upstream_headers_of, raw, CREDENTIAL, "rid")
+        down = _outcome(downstream_headers_of, raw)
+        if text is InvalidHeaderBytes:
+            assert up is down is InvalidHeaderBytes
+        else:
+            assert up == list(upstream_headers(text, CREDENTIAL, "rid").items())
+            assert down == list(downstream_headers(text).items())

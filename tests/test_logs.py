@@ -180,3 +180,79 @@ def test_every_connections_held_secret_is_redacted_by_lookup() -> None:
     for n in range(2000):
         log_module.hold_secrets(f"conn-{n}")
     assert not [v for v in log_module._held_values if v.startswith("held-refresh")]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "GET", "path": "/api/v1.2/getHotels", "status": 200, "bytes": 571},
+        {"path": f'/api/x?token={SECRET}&n=\u00e9"\\', "duration_ms": 1.25, "cut_short": None},
+        {"path": "/a?auth=Bearer caller-token-9", "ok": True, "no": False, "n": -3},
+        {"code": "plain-value", "authorization": "", "x": f"held {SECRET}-suffix"},
+        {"duration_ms": float("inf"), "big": 10**30, "request_id": "given-in-fields"},
+    ],
+)
+def test_flat_line_is_the_chains_line(captured_logs: io.StringIO, fields: dict[str, Any]) -> None:
+    """The access line, rendered without the processor chain, is the chain's line exactly."""
+    structlog.contextvars.bind_contextvars(request_id="rid-7")
+    try:
+        structlog.get_logger("proxy.access").info("request", **fields)
+        logs.info_flat("request", fields, {"request_id": "rid-7"})
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    chain, flat = captured_logs.getvalue().splitlines()
+    assert SECRET not in flat
+    assert "caller-token-9" not in flat
+    stamp = '"timestamp": '
+    assert flat.partition(stamp)[0] == chain.partition(stamp)[0]
+    assert json.loads(flat).keys() == json.loads(chain).keys()
+
+
+def test_flat_line_goes_through_the_chain_when_it_is_not_the_json_one() -> None:
+    stream = io.StringIO()
+    logs.configure("console", stream=stream)
+    try:
+        logs.info_flat("request", {"path": f"/x?{SECRET}"}, {"request_id": "rid-8"})
+        logs.configure("json", stream=io.StringIO())
+        with structlog.testing.capture_logs() as captured:
+            logs.info_flat("request", {"path": "/y"}, {"request_id": "rid-9"})
+    finally:
+        structlog.reset_defaults()
+    assert "request" in stream.getvalue()
+    assert SECRET not in stream.getvalue()
+    assert captured[0]["path"] == "/y"
+
+
+def test_patterns_are_found_in_any_case() -> None:
+    assert logs._scrub("x CBAT_AbC123 y BEARER tok-1") == f"x {REDACTED} y BEARER {REDACTED}"
+
+
+def test_standard_output_is_written_once_per_loop_turn(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Lines logged during one turn of the loop reach standard output together, in order,
+    at the next turn; outside a loop at once."""
+    import asyncio
+
+    logs.configure("json")
+    try:
+        structlog.get_logger("test").info("outside")
+        assert '"event": "outside"' in capsys.readouterr().out
+
+        async def turn() -> tuple[str, str]:
+            structlog.get_logger("test").info("first")
+            logs.info_flat("request", {"path": f"/x?{SECRET}"}, {"request_id": "rid-3"})
+            logging.getLogger("aiohttp.server").warning("library line")
+            during = capsys.readouterr().out
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return during, capsys.readouterr().out
+
+        during, after = asyncio.run(turn())
+        assert during == ""
+        lines = [json.loads(line) for line in after.splitlines()]
+        assert [line["event"] for line in lines] == ["first", "request", "library line"]
+        assert SECRET not in after
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers[:] = []
