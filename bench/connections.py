@@ -8,9 +8,14 @@ each) through the admin API, concurrently and bounded, then reports:
   end, for one replica restarted with every connection already in Redis, also the time
   until its background load is done, from `/_proxy/status`);
 - RSS per replica after the import and at the end;
-- idle Redis commands per second by command, and idle CPU per replica;
-- token calls per connection per lifetime, duplicate calls for one generation, the
-  busiest second of token calls over the mean;
+- idle Redis commands per second by command, and idle CPU per replica, while the
+  connections are imported but not yet used (a connection nobody uses is not refreshed);
+- then the first use: one request per connection (connection i on replica i % replicas),
+  each waiting for its connection's first token call; from then on the connections are in
+  use for the run (`--idle-after`) and refreshed ahead by the replica that used them;
+- token calls per connection per refresh cycle (lifetime - leeway) over `--duration`,
+  duplicate calls for one generation, the busiest second of token calls over the mean
+  from the end of the first use (right after it, every connection's token is new);
 - `/_proxy/metrics` size and scrape time, `/_proxy/readyz` and `/_proxy/status` times;
 - p50/p99 latency of routed requests (a paced loop over random connections).
 
@@ -155,7 +160,7 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def replica_env(fake_url: str, redis_url: str, leeway: float) -> dict[str, str]:
+def replica_env(fake_url: str, redis_url: str, leeway: float, idle_after: float) -> dict[str, str]:
     return {
         "CBPROXY_UPSTREAM_URL": fake_url,
         "CBPROXY_TOKEN_URL": f"{fake_url}/api/v1.3/access_token",
@@ -164,6 +169,7 @@ def replica_env(fake_url: str, redis_url: str, leeway: float) -> dict[str, str]:
         "CBPROXY_REDIS_PREFIX": "bench",
         "CBPROXY_ADMIN_TOKEN": ADMIN_TOKEN,
         "CBPROXY_REFRESH_LEEWAY": str(leeway),
+        "CBPROXY_REFRESH_IDLE_AFTER": str(idle_after),
         "CBPROXY_SHUTDOWN_GRACE": "2",
         "CBPROXY_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
@@ -336,6 +342,32 @@ async def import_connections(
     return {"seconds": time.monotonic() - started, "statuses": statuses, "latencies": latencies}
 
 
+async def first_use(
+    session: aiohttp.ClientSession, replicas: list[ProxyProcess], n: int, concurrency: int
+) -> dict[str, Any]:
+    """One request per connection, connection i on replica i % replicas: a connection
+    nobody used has no token yet, so each request waits for its connection's first token
+    call, and from then on that replica refreshes it ahead (it is in use there)."""
+    statuses: collections.Counter[str] = collections.Counter()
+
+    def job(i: int) -> Callable[[], Awaitable[None]]:
+        async def get() -> None:
+            proc = replicas[i % len(replicas)]
+            headers = {"X-Cloudbeds-Connection": connection_of(i)}
+            try:
+                async with session.get(proc.url + HOTELS, headers=headers) as response:
+                    await response.read()
+                    statuses[str(response.status)] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses[type(exc).__name__] += 1
+
+        return get
+
+    started = time.monotonic()
+    await bounded((job(i) for i in range(n)), concurrency)
+    return {"seconds": time.monotonic() - started, "statuses": statuses}
+
+
 def command_stats(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
@@ -468,9 +500,10 @@ def warnings_logged(replicas: list[ProxyProcess]) -> collections.Counter[str]:
 
 
 def token_figures(
-    calls: list[tuple[float, str, int]], lifetime: float, since: float
+    calls: list[tuple[float, str, int]], cycle: float, since: float
 ) -> dict[str, Any]:
-    """Duplicates per generation; refresh interval per connection; calls per lifetime."""
+    """Duplicates per generation; refresh interval per connection; calls per refresh cycle
+    (a token's lifetime less the leeway: the most a token can serve before its refresh)."""
     per_generation = collections.Counter((name, gen) for _, name, gen in calls)
     duplicates = sum(count - 1 for count in per_generation.values())
     by_connection: dict[str, list[float]] = collections.defaultdict(list)
@@ -484,21 +517,18 @@ def token_figures(
         "duplicates": duplicates,
         "connections_refreshed": refreshed,
         "mean_interval": mean,
-        "per_lifetime": None if not mean else lifetime / mean,
+        "per_cycle": None if not mean else cycle / mean,
     }
 
 
-def busiest_second(state: dict[str, Any], since: float, until: float) -> dict[str, Any] | None:
-    """The busiest second of the app's calls in [since, until] over the mean of the seconds
-    from its first to its last call there (`per_second_by_client`)."""
-    seconds = {
-        int(s): n
-        for s, n in state["per_second_by_client"].get(CLIENT_ID, {}).items()
-        if since <= int(s) <= until
-    }
-    if not seconds:
+def busiest_refresh_second(
+    calls: list[tuple[float, str, int]], since: float, until: float
+) -> dict[str, Any] | None:
+    """The busiest second of logged token calls in [since, until) over the window's mean."""
+    seconds = collections.Counter(int(when) for when, _, _ in calls if since <= when < until)
+    span = int(until) - int(since)
+    if not seconds or span <= 0:
         return None
-    span = max(seconds) - min(seconds) + 1
     mean = sum(seconds.values()) / span
     peak = max(seconds.values())
     return {"calls": sum(seconds.values()), "span": span, "peak": peak, "ratio": peak / mean}
@@ -539,7 +569,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lifetime", type=int, default=120, help="access token lifetime, s")
     parser.add_argument("--leeway", type=float, default=30, help="CBPROXY_REFRESH_LEEWAY, s")
     parser.add_argument(
-        "--duration", type=float, default=300, help="seconds the fleet runs after the import"
+        "--duration", type=float, default=300, help="seconds the fleet runs after the first use"
     )
     parser.add_argument(
         "--rate-limit",
@@ -550,6 +580,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate-burst", type=int, default=10_000)
     parser.add_argument("--import-concurrency", type=int, default=16)
     parser.add_argument("--idle", type=float, default=20, help="idle window, s")
+    parser.add_argument(
+        "--idle-after",
+        type=float,
+        default=0,
+        help="CBPROXY_REFRESH_IDLE_AFTER (default: the run's length plus an hour, so a "
+        "connection used once is in use for the whole run)",
+    )
     parser.add_argument("--rate", type=float, default=50, help="routed requests per second")
     parser.add_argument("--latency-seconds", type=float, default=10)
     parser.add_argument("--timeout", type=float, default=120, help="bound on each wait, s")
@@ -568,7 +605,8 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
     fake_url = procs.start_fake(lifetime)
     redis_url = procs.start_redis()
     client = redis.Redis.from_url(redis_url)
-    env = replica_env(fake_url, redis_url, args.leeway)
+    idle_after = args.idle_after or args.duration + 3600  # used once: in use for the run
+    env = replica_env(fake_url, redis_url, args.leeway, idle_after)
     config = write_config(procs.workdir, args.rate_limit, args.rate_burst)
     async with aiohttp.ClientSession(
         timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=128)
@@ -581,7 +619,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
         line("ready after start (empty store)", ", ".join(secs(s["ready"]) for s in started))
 
         imported = await import_connections(session, replicas, n, args.import_concurrency)
-        import_end, import_end_wall = time.monotonic(), time.time()
+        import_end = time.monotonic()
         lat = imported["latencies"]
         line(
             "import",
@@ -592,11 +630,6 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
         routed = await asyncio.gather(*(routes(session, p, n - 1, args.timeout) for p in replicas))
         line("last connection routed, after import", ", ".join(secs(s) for s in routed))
 
-        async def all_tokens() -> bool:
-            return refresh_calls(await fake_state(session, fake_url)) >= n
-
-        tokens = await poll_until(all_tokens, args.timeout, interval=0.5)
-        line("first token for every connection", f"{secs(tokens)} after the import")
         offset = time.monotonic() - import_end
         held = await asyncio.gather(*(holds_all(session, p, n, args.timeout) for p in replicas))
         line(
@@ -620,7 +653,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             "idle CPU per replica",
             ", ".join("dead" if c is None else f"{c:.1f}%" for c in idle["cpu"]),
         )
-        line("token calls in the idle window", str(idle["token_calls"]))
+        line("token calls in the idle window", f"{idle['token_calls']} (nothing is in use)")
 
         scrapes = [await scrape_metrics(session, p) for p in replicas if pid_of(p)]
         line(
@@ -636,44 +669,55 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             ", ".join(f"{ms(s['status'])} ({s['status_bytes']} B)" for s in scrapes),
         )
 
+        calls_before = refresh_calls(await fake_state(session, fake_url))
+        used = await first_use(session, replicas, n, args.import_concurrency)
+        use_end, use_end_wall = time.monotonic(), time.time()
+        calls_made = refresh_calls(await fake_state(session, fake_url)) - calls_before
+        line(
+            "first use (one request each)",
+            f"{used['seconds']:.1f} s, {calls_made} token calls, statuses {dict(used['statuses'])}",
+        )
         loop = await latency_loop(session, replicas, n, args.rate, args.latency_seconds)
-        quiet_from = time.time()
         lat = loop["latencies"]
         line(
             f"routed requests ({args.rate:.0f}/s)",
             f"p50 {ms(pct(lat, 50))} p99 {ms(pct(lat, 99))}, statuses {dict(loop['statuses'])}",
         )
 
-        remaining = import_end + args.duration - time.monotonic()
+        remaining = use_end + args.duration - time.monotonic()
         while remaining > 0 and any(pid_of(p) for p in replicas):
             await asyncio.sleep(min(5.0, remaining))
-            remaining = import_end + args.duration - time.monotonic()
+            remaining = use_end + args.duration - time.monotonic()
         end_wall = time.time()
         line("RSS at the end", mib(rss_mb(pid_of(p)) for p in replicas))
         state = await fake_state(session, fake_url)
-        figures = token_figures(refresh_log(replicas), lifetime, import_end_wall)
-        ideal = lifetime / (lifetime - args.leeway - min(30, args.leeway / 5) / 2)
+        calls = refresh_log(replicas)
+        cycle = lifetime - min(args.leeway, lifetime / 2)
+        figures = token_figures(calls, cycle, use_end_wall)
         line(
             "token calls (fake / logged)",
             f"{refresh_calls(state)} / {figures['logged']}, {figures['connections_refreshed']} "
-            f"connections refreshed after the import",
+            f"connections refreshed after the first use",
         )
-        per = figures["per_lifetime"]
+        per = figures["per_cycle"]
         line(
-            "token calls per connection/lifetime",
-            ("-" if per is None else f"{per:.2f}") + f" (mean interval "
-            f"{secs(figures['mean_interval'])}; leeway and mean jitter alone give {ideal:.2f})",
+            "token calls per connection per cycle",
+            ("-" if per is None else f"{per:.3f}") + f" (cycle = lifetime - leeway = {cycle:g} s;"
+            f" mean interval {secs(figures['mean_interval'])}; per lifetime "
+            + ("-" if per is None else f"{per * lifetime / cycle:.2f}")
+            + ")",
         )
         line("duplicate calls for a generation", str(figures["duplicates"]))
         warned = warnings_logged(replicas).most_common(8)
         line("warnings logged", ", ".join(f"{k} {v}" for k, v in warned) or "none")
-        peak = busiest_second(state, quiet_from + 1, end_wall - 1)
+        peak = busiest_refresh_second(calls, use_end_wall + 1, end_wall - 1)
         line(
-            "busiest second / mean (refreshes)",
+            "busiest second / mean (token calls)",
             "no refresh in the window"
             if peak is None
-            else f"{peak['ratio']:.1f}x ({peak['peak']} in a second, {peak['calls']} calls over "
-            f"{peak['span']} s); max in any sliding second {state['max_in_window'].get(CLIENT_ID)}",
+            else f"{peak['ratio']:.2f}x ({peak['peak']} in a second, {peak['calls']} calls over "
+            f"{peak['span']} s from the end of the first use); the fake's busiest sliding "
+            f"second of token calls {state['max_token_calls_in_window'].get(CLIENT_ID)}",
         )
         if not args.no_restart and pid_of(replicas[0]):
             await asyncio.to_thread(replicas[0].stop)

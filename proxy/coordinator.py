@@ -44,7 +44,7 @@ from proxy.errors import (
     TokenRejected,
 )
 from proxy.events import Event, EventType, new_event
-from proxy.logs import hold_secrets, register_secret
+from proxy.logs import hold_secrets
 from proxy.metrics import Metrics
 from proxy.pacing import Pacer
 from proxy.refresh import (
@@ -244,9 +244,13 @@ class OAuthCredential:
         self.record = record
         if self.listener is not None:
             self.listener(self.name, self.properties)
-        # Tokens from this process's refreshes and from other replicas alike: never logged.
-        register_secret(record.access_token)
-        register_secret(record.refresh_token)
+        # Tokens from this process's refreshes and from other replicas alike: never logged,
+        # an access token while it is usable, the permanent refresh token for good.
+        hold_secrets(
+            f"{self.name} access",
+            record.access_token,
+            usable_for=record.expires_at - self._clock(),
+        )
         hold_secrets(self.name, record.refresh_token)
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None

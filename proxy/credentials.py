@@ -37,7 +37,7 @@ from proxy.errors import (
     TokenEndpointUnavailable,
 )
 from proxy.events import Event
-from proxy.logs import hold_secrets, register_secret
+from proxy.logs import hold_secrets
 from proxy.refresh import RefreshPolicy, backoff, grid_point, keepalive_after, phase
 from proxy.store import TokenStore, held
 from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve
@@ -160,7 +160,6 @@ class ApiKeyCredential:
             return False  # the configuration's key is the key
         if not force and current is not None and record.generation <= current.generation:
             return False
-        register_secret(record.access_token)
         hold_secrets(self.name, record.access_token)
         self.record = record
         if self.listener is not None:

@@ -3,7 +3,9 @@
 Event names are stable (`token.refresh.ok`, `request`, …) with facts as fields.
 Redaction works three ways, so a secret that slips into any field is still caught:
 fields whose name says secret are masked, `Bearer …` and `cbat_…` patterns are masked,
-and every secret the process knows (configured or received) is masked wherever it appears.
+and every secret the process knows is masked wherever it appears: configured ones (and a
+few received at install) searched for, each connection's tokens and keys looked up word by
+word, for as long as they could still be used.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import datetime
+import heapq
 import json
 import logging
 import math
 import re
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping
 from json.encoder import encode_basestring_ascii
@@ -45,13 +49,21 @@ _configured: set[str] = set()
 """Secrets from the configuration: kept for the life of the process."""
 _received: deque[str] = deque(maxlen=64)
 """Tokens as they arrive: the newest few, as older ones are expired and harmless."""
-_held: dict[str, tuple[str, ...]] = {}
-"""Each connection's current long-lived secrets (refresh token, API key): they never
-expire by themselves, so they are kept while the connection holds them, however many
-connections there are, and replaced when its record changes."""
+_held: dict[str, tuple[tuple[str, ...], float]] = {}
+"""Each connection's current secrets (access token, refresh token, API key) and how long
+they stay usable (a monotonic deadline): kept while the connection holds them, however
+many connections there are, replaced when its record changes."""
+_retired: list[tuple[float, str]] = []
+"""A heap of (deadline, value): secrets a connection held before its record changed,
+kept until they can no longer be used (an access token until its expiry), so every token
+that still works stays redacted; memory stays a few values per connection."""
 _held_values: dict[str, int] = {}
-"""The values of `_held`, counted (two connections may hold one value): looked up, not
-scanned, so a line costs the same at 10 connections as at 10,000."""
+"""The values of `_held` and `_retired`, counted (two connections, or a connection and
+its past, may hold one value): looked up, not scanned, so a line costs the same at 10
+connections as at 10,000."""
+KEEP_UNEXPIRING = 30 * 24 * 3600.0
+"""How long a replaced secret with no known expiry (an API key, a refresh token) stays
+redacted: Cloudbeds expires an API key unused for 30 days."""
 _WORD = re.compile(r"[A-Za-z0-9._~+/-]{6,}=*")
 """A run of token characters: a received or held token shows up in a line as one of these."""
 _searched: tuple[str, ...] = ()
@@ -71,17 +83,31 @@ def register_secret(value: str | None, *, configured: bool = False) -> None:
     _searched = (*_configured, *_received)
 
 
-def hold_secrets(owner: str, *values: str | None) -> None:
-    """The long-lived secrets `owner` (a connection) holds now, in place of its previous."""
-    for old in _held.pop(owner, ()):
-        _held_values[old] -= 1
-        if not _held_values[old]:
-            del _held_values[old]
+def hold_secrets(owner: str, *values: str | None, usable_for: float | None = None) -> None:
+    """The secrets `owner` (a connection) holds now, in place of its previous ones, which
+    stay redacted while they could still be used: the `usable_for` seconds they were
+    given when held (an access token's remaining life), else `KEEP_UNEXPIRING`."""
+    now = time.monotonic()
+    while _retired and _retired[0][0] <= now:
+        _release(heapq.heappop(_retired)[1])
     kept = tuple(v for v in values if v and len(v) >= 6)
+    old, deadline = _held.pop(owner, ((), now))
+    for value in kept:
+        _held_values[value] = _held_values.get(value, 0) + 1
+    for value in old:
+        if value in kept or deadline <= now:
+            _release(value)
+        else:
+            heapq.heappush(_retired, (deadline, value))  # still counted: still redacted
     if kept:
-        _held[owner] = kept
-        for value in kept:
-            _held_values[value] = _held_values.get(value, 0) + 1
+        life = KEEP_UNEXPIRING if usable_for is None else max(usable_for, 0.0)
+        _held[owner] = (kept, now + life)
+
+
+def _release(value: str) -> None:
+    _held_values[value] -= 1
+    if not _held_values[value]:
+        del _held_values[value]
 
 
 def _scrub(value: str) -> str:

@@ -168,7 +168,8 @@ def test_settings_name_every_configured_secret() -> None:
 
 
 def test_every_connections_held_secret_is_redacted_by_lookup() -> None:
-    """Refresh tokens and keys of any number of connections, however old: looked up per word."""
+    """Refresh tokens and keys of any number of connections, however old: looked up per word,
+    and still redacted after they were replaced."""
     from proxy import logs as log_module
 
     for n in range(2000):
@@ -177,9 +178,28 @@ def test_every_connections_held_secret_is_redacted_by_lookup() -> None:
     assert "held-refresh" not in line
     log_module.hold_secrets("conn-7", "held-refresh-new-7-x9")  # its token rotated
     assert "held-refresh-new-7-x9" not in log_module._scrub("got held-refresh-new-7-x9")
+    # The replaced one may still work: it stays redacted (for KEEP_UNEXPIRING).
+    assert "held-refresh-00007-x9" not in log_module._scrub("old held-refresh-00007-x9")
     for n in range(2000):
         log_module.hold_secrets(f"conn-{n}")
-    assert not [v for v in log_module._held_values if v.startswith("held-refresh")]
+    assert "held-refresh-01999-x9" not in log_module._scrub("old held-refresh-01999-x9")
+
+
+def test_a_replaced_access_token_stays_redacted_until_it_expires() -> None:
+    """Every token that still works is redacted, however many were issued since; one that
+    expired is let go, so memory stays a few values per connection."""
+    from proxy import logs as log_module
+
+    log_module.hold_secrets("c access", "access-token-gen-1-x9", usable_for=3600)
+    for n in range(2, 200):  # far more than any fixed window of recent tokens
+        log_module.hold_secrets("c access", f"access-token-gen-{n}-x9", usable_for=3600)
+    assert "access-token-gen-1-x9" not in log_module._scrub("got access-token-gen-1-x9")
+    assert "access-token-gen-150-x9" not in log_module._scrub("got access-token-gen-150-x9")
+    log_module.hold_secrets("d access", "expired-token-x9", usable_for=0)
+    log_module.hold_secrets("d access", "next-token-x9", usable_for=3600)
+    log_module.hold_secrets("e access", "other-token-x9", usable_for=3600)  # prunes
+    assert "expired-token-x9" not in log_module._held_values
+    assert "next-token-x9" in log_module._held_values
 
 
 @pytest.mark.parametrize(
