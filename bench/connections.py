@@ -510,14 +510,19 @@ def token_figures(
     for when, name, _ in calls:
         by_connection[name].append(when)
     intervals = [b - a for times in by_connection.values() for a, b in itertools.pairwise(times)]
+    # After a connection's first two refreshes it is on its place of the fleet's grid: the
+    # intervals from then on are the steady state (the first one aligns it, once).
+    steady = [b - a for times in by_connection.values() for a, b in itertools.pairwise(times[1:])]
     refreshed = sum(1 for times in by_connection.values() if any(t > since for t in times))
     mean = statistics.mean(intervals) if intervals else None
+    steady_mean = statistics.mean(steady) if steady else None
     return {
         "logged": len(calls),
         "duplicates": duplicates,
         "connections_refreshed": refreshed,
         "mean_interval": mean,
         "per_cycle": None if not mean else cycle / mean,
+        "steady_per_cycle": None if not steady_mean else cycle / steady_mean,
     }
 
 
@@ -706,6 +711,13 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             f" mean interval {secs(figures['mean_interval'])}; per lifetime "
             + ("-" if per is None else f"{per * lifetime / cycle:.2f}")
             + ")",
+        )
+        steady = figures["steady_per_cycle"]
+        line(
+            "  once on the grid (steady state)",
+            "-"
+            if steady is None
+            else f"{steady:.3f} per cycle, {steady * lifetime / cycle:.2f} per lifetime",
         )
         line("duplicate calls for a generation", str(figures["duplicates"]))
         warned = warnings_logged(replicas).most_common(8)

@@ -29,11 +29,12 @@ from proxy.crypto import TokenCipher
 from proxy.delivery import Delivery
 from proxy.errors import StoreUnavailable
 from proxy.forwarding import Forwarder
+from proxy.gcra import RateLimit, split
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
 from proxy.middleware import request_middleware, server_log
 from proxy.pacing import Pacer
-from proxy.ratelimit import Limiter, RateLimit, split
+from proxy.ratelimit import Limiter
 from proxy.redis_store import RedisStore
 from proxy.registry import MakeCredential, Registry
 from proxy.runtime import PUBLIC, RUNTIME, Runtime
@@ -310,7 +311,7 @@ def credential_factory(
 
 def make_limiter(settings: Settings, store: TokenStore, metrics: Metrics, clock: Clock) -> Limiter:
     """One budget per configured credential, and per app one for requests and one for
-    token calls (`ratelimit.split`, unless its token share is 0), paused together."""
+    token calls (`gcra.split`, unless its token share is 0), paused together."""
     limits = {
         c.budget: RateLimit(c.rate_limit, c.rate_burst, settings.rate_max_wait)
         for c in settings.credentials

@@ -1,46 +1,21 @@
 """One rate limiter per budget (an app, or a configured credential), shared by every
-replica through Redis.
+replica through Redis; its rules are `proxy.gcra`'s.
 
-Rules (a generic cell rate algorithm, GCRA, that shapes before it refuses):
-
-- A limit is `rate` requests per second with a `burst`; the emission interval is
-  T = 1 / rate. The state per budget is the theoretical arrival time `tat` and
-  `pause_until`, both absolute seconds. `rate == 0` turns the limiter off.
-- A request at `now` takes the next slot in arrival order:
-      base  = max(tat, now, pause_until)
-      tat'  = base + T
-      slot  = max(tat' - burst * T, pause_until, now)
-      delay = slot - now
-  so an idle budget lets `burst` requests through at once, then one every T. In any
-  one-second window no more than rate + burst requests get a slot.
-- A request whose delay is at most `max_wait` is admitted: `tat` becomes tat' and the
-  caller sleeps `delay` before sending. Past `max_wait` it is refused at once, `tat` is
-  untouched (a refusal consumes no slot), and `retry_after = max(delay - max_wait, T)`
-  is the earliest time a retry could be admitted. Times are compared to the
-  microsecond (`EPSILON`): float sums of T must not turn a slot into a refusal.
-- An app's limit splits in two budgets (`split`): requests at (1 - share) * rate and
-  token calls at share * rate, the app's burst divided between them (each at least 1,
-  the sum the app's burst), so the two together stay within rate + burst in any second
-  and requests always have the rest when refreshes pile up. A share of 0 keeps one
-  budget for both.
 - Fair within a budget (`proxy.fairqueue`). A request of a connection that has no other
-  request waiting in this process takes the budget's next slot in arrival order, as
-  above: one round trip, and a paced connection's request is never behind another's
-  backlog. A request of a connection that already has one waiting takes a slot only if
-  one is due now and nobody is queued here (still one round trip); else it joins that
-  connection's FIFO queue, and this process's dispatcher for the budget hands slots to
-  the connections with queued requests in turn (round robin). The dispatcher
-  asks the shared GCRA only for a slot due within a quarter interval (`horizon`), so a
-  backlog never reserves ahead of the fleet's newcomers, and sleeps until the next slot
-  is near between asks. A queued request whose expected wait (the next slot plus
-  `slots_ahead` intervals) exceeds `max_wait` is refused at once, one still queued at
-  `max_wait` then: a flood's excess is refused, not queued. Only waiters hold state: a
-  connection's queue is dropped when it empties, a budget's queue with its last waiter.
-- A pause (Cloudbeds answered 429 or 503 with Retry-After) sets
-  `pause_until = max(pause_until, now + seconds)` on the budget and the budgets linked to
-  it (an app's request and token budgets: Cloudbeds counts per client id): no slot starts
-  before it, so every request waits for the pause end or is refused. After the pause the
-  bucket is full again (the fleet sent nothing meanwhile).
+  request waiting in this process takes the budget's next slot in arrival order: one
+  round trip, and a paced connection's request is never behind another's backlog. A
+  request of a connection that already has one waiting takes a slot only if one is due
+  now and nobody is queued here (still one round trip); else it joins that connection's
+  FIFO queue, and this process's dispatcher for the budget hands slots to the
+  connections with queued requests in turn (round robin). The dispatcher asks the shared
+  GCRA only for a slot due within a quarter interval (`horizon`), so a backlog never
+  reserves ahead of the fleet's newcomers, and sleeps until the next slot is near
+  between asks. A queued request whose expected wait (the next slot plus `slots_ahead`
+  intervals) exceeds `max_wait` is refused at once, one still queued at `max_wait` then:
+  a flood's excess is refused, not queued. Only waiters hold state: a connection's queue
+  is dropped when it empties, a budget's queue with its last waiter.
+- A pause holds the budget and the budgets linked to it (an app's request and token
+  budgets: Cloudbeds counts per client id), on every replica.
 - At most `max_queue` requests of one budget may be in the limiter (waiting or asking)
   in one process; one more is refused at once, unless its connection has no waiter: then
   the newest waiter of the longest queue is refused in its place. `max_wait` already
@@ -68,140 +43,26 @@ import structlog
 from proxy.clock import Clock, system_clock
 from proxy.errors import RateLimited, StoreUnavailable, UnknownConnection
 from proxy.fairqueue import FairQueue
+from proxy.gcra import (
+    EPSILON,
+    Admit,
+    Bucket,
+    RateLimit,
+    Refuse,
+    check_queue,
+    decide,
+    expected_wait,
+    horizon,
+    next_slot,
+    paused,
+    refusal,
+)
 from proxy.metrics import Metrics
 from proxy.store import SharedBudgets
 
 log = structlog.get_logger(__name__)
 
 Mode = Literal["shared", "local", "local-fallback"]
-
-EPSILON = 1e-6
-"""Seconds below which a delay is none; Redis stores times to the microsecond."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RateLimit:
-    """A credential's limit. `burst` and `max_queue` of 0 mean "derive the default"."""
-
-    rate: float
-    burst: int = 0
-    max_wait: float = 2.0
-    max_queue: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rate < 0 or self.burst < 0 or self.max_wait < 0 or self.max_queue < 0:
-            raise ValueError(f"rate limit values must not be negative: {self}")
-        if self.burst == 0:
-            object.__setattr__(self, "burst", max(1, math.ceil(self.rate)))
-        if self.max_queue == 0:
-            object.__setattr__(self, "max_queue", int(self.rate * self.max_wait) + self.burst)
-
-    @property
-    def off(self) -> bool:
-        return self.rate == 0
-
-    @property
-    def interval(self) -> float:
-        """Seconds between two slots (T)."""
-        return 1.0 / self.rate
-
-    def share(self, replicas: int) -> RateLimit:
-        """This replica's even share when the fleet of `replicas` cannot coordinate."""
-        n = max(1, replicas)
-        return dataclasses.replace(self, rate=self.rate / n, burst=max(1, self.burst // n))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Bucket:
-    tat: float = 0.0
-    pause_until: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Admit:
-    delay: float
-    bucket: Bucket
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Refuse:
-    retry_after: float
-    reason: Literal["wait", "queue", "paused"]
-    wait: float = 0.0
-
-
-def check_queue(limit: RateLimit, waiting: int) -> Refuse | None:
-    """Refuse when this process already holds `max_queue` requests of the credential."""
-    if waiting >= limit.max_queue:
-        return Refuse(retry_after=limit.interval, reason="queue")
-    return None
-
-
-def refusal(limit: RateLimit, delay: float, paused_for: float) -> Refuse:
-    """The refusal for a request whose slot lies `delay` seconds ahead."""
-    reason: Literal["wait", "paused"] = "paused" if paused_for > limit.max_wait else "wait"
-    return Refuse(max(delay - limit.max_wait, limit.interval), reason, delay)
-
-
-def next_slot(bucket: Bucket, now: float, limit: RateLimit) -> tuple[float, float]:
-    """(delay, tat') of the budget's next slot, by the rules at the top of this module."""
-    interval = limit.interval
-    new_tat = max(bucket.tat, now, bucket.pause_until) + interval
-    slot = max(new_tat - limit.burst * interval, bucket.pause_until, now)
-    return (slot - now if slot - now >= EPSILON else 0.0), new_tat
-
-
-def decide(bucket: Bucket, now: float, limit: RateLimit, waiting: int = 0) -> Admit | Refuse:
-    """Apply the rules at the top of this module to one request."""
-    full = check_queue(limit, waiting)
-    if full is not None:
-        return full
-    delay, new_tat = next_slot(bucket, now, limit)
-    if delay > limit.max_wait + EPSILON:
-        return refusal(limit, delay, bucket.pause_until - now)
-    return Admit(delay, dataclasses.replace(bucket, tat=new_tat))
-
-
-def paused(bucket: Bucket, now: float, seconds: float) -> Bucket:
-    """The bucket after Cloudbeds asked for a pause of `seconds`."""
-    return dataclasses.replace(bucket, pause_until=max(bucket.pause_until, now + seconds))
-
-
-def split(limit: RateLimit, share: float) -> tuple[RateLimit, RateLimit]:
-    """An app's limit as (requests, token calls): `share` of the rate for token calls, the
-    rest for requests; the burst divided so that each has at least 1 and the two sum to
-    the app's burst (token calls get `share` of it, rounded half up)."""
-    if not 0 < share < 1:
-        raise ValueError(f"a token share is a fraction between 0 and 1, not {share}")
-    if limit.burst < 2:
-        raise ValueError(f"a burst of {limit.burst} cannot be split: each part needs 1")
-    token_burst = min(limit.burst - 1, max(1, math.floor(limit.burst * share + 0.5)))
-    token_rate = limit.rate * share
-    return (
-        RateLimit(limit.rate - token_rate, limit.burst - token_burst, limit.max_wait),
-        RateLimit(token_rate, token_burst, limit.max_wait),
-    )
-
-
-HORIZON = 0.25
-"""The share of an interval ahead within which a slot counts as due now."""
-
-
-def horizon(limit: RateLimit) -> RateLimit:
-    """The limit a slot due now is asked for with (by a queue's dispatcher, and by a
-    connection's further request while nobody is queued): a slot is taken only when it is
-    due within a quarter interval. A dispatcher that reserved a whole interval ahead
-    would ask again the moment its slot came and always find the next one free, starving
-    the replicas that wait for theirs; asked this close, every replica with a queue wakes
-    when a slot is due and the first to ask takes it."""
-    return dataclasses.replace(limit, max_wait=min(limit.interval * HORIZON, limit.max_wait))
-
-
-def expected_wait(limit: RateLimit, delay: float, ahead: int) -> float:
-    """Seconds a request waits: the budget's next slot `delay` away, then `ahead` slots
-    handed out to others (and its own connection's earlier waiters) one interval apart."""
-    return delay + ahead * limit.interval
-
 
 # Failures that send the limiter to its local fallback: the store's own error (every Redis
 # error is translated there) and our own bound on the round trip.

@@ -127,7 +127,7 @@ end
 return 1
 """
 
-# The rate limiter's rules (`proxy.ratelimit.decide`), on Redis' clock. Numbers go back as
+# The rate limiter's rules (`proxy.gcra.decide`), on Redis' clock. Numbers go back as
 # strings: Redis truncates Lua numbers to integers. Returns {allowed, delay, paused_for,
 # tat - now}.
 _ADMIT_LUA = """

@@ -20,11 +20,9 @@ from proxy.clock import FakeClock
 from proxy.config import AppSettings, Settings
 from proxy.errors import RateLimited, UnknownConnection
 from proxy.fairqueue import FairQueue
-from proxy.metrics import Metrics
-from proxy.ratelimit import (
+from proxy.gcra import (
     Admit,
     Bucket,
-    Limiter,
     RateLimit,
     Refuse,
     decide,
@@ -33,6 +31,8 @@ from proxy.ratelimit import (
     paused,
     split,
 )
+from proxy.metrics import Metrics
+from proxy.ratelimit import Limiter
 from proxy.redis_store import RedisStore
 from proxy.store import MemoryStore
 
