@@ -342,9 +342,9 @@ async def _poll(runtime: Runtime) -> None:
         try:
             await runtime.store.ping()
             await runtime.registry.flush_used()
-            # Only what an outage left unwritten: the change feed brings everything else,
-            # so an idle fleet costs the store nothing per connection.
-            for credential in [c for c in runtime.registry.connections.values() if c.unsaved]:
+            # Only what an outage left unwritten (the registry's `unsaved`, not a loop over
+            # every connection): the change feed brings everything else.
+            for credential in runtime.registry.unsaved():
                 await credential.reload()
         except StoreUnavailable:
             if store_ok:

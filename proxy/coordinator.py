@@ -125,7 +125,8 @@ class OAuthCredential:
         self._inflight: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._attempt = 0
-        self._unsaved: TokenRecord | None = None
+        self.pending: set[str] = set()
+        self._kept: TokenRecord | None = None
         self._unsaved_events: tuple[Event, ...] = ()
         self._unsaved_write = Write.REFRESH
         self._lock_until = 0.0
@@ -291,6 +292,16 @@ class OAuthCredential:
     @property
     def unsaved(self) -> bool:
         return self._unsaved is not None
+
+    @property
+    def _unsaved(self) -> TokenRecord | None:
+        """A record the store has not taken yet (written back by `reload`)."""
+        return self._kept
+
+    @_unsaved.setter
+    def _unsaved(self, record: TokenRecord | None) -> None:
+        self._kept = record
+        (self.pending.discard if record is None else self.pending.add)(self.name)
 
     def keep(self, record: TokenRecord, write: Write, events: tuple[Event, ...]) -> None:
         """Serve `record`, which the store could not take, and write it when it returns."""

@@ -75,6 +75,9 @@ class Credential(Protocol):
     settings: CredentialSettings
     record: TokenRecord | None
     listener: Listener | None
+    pending: set[str]
+    """Where the credential notes its name while it holds a write the store has not taken
+    (the registry's set, so the write-back visits only those, not every connection)."""
 
     @property
     def properties(self) -> tuple[str, ...]: ...
@@ -125,7 +128,8 @@ class ApiKeyCredential:
         self._wake = asyncio.Event()
         self.record: TokenRecord | None = None
         self.listener: Listener | None = None
-        self._unsaved: tuple[TokenRecord, tuple[Event, ...]] | None = None
+        self.pending: set[str] = set()
+        self._kept: tuple[TokenRecord, tuple[Event, ...]] | None = None
         self.unreadable: str | None = None
         if settings.api_key is not None:
             self.record = TokenRecord(
@@ -173,6 +177,15 @@ class ApiKeyCredential:
     @property
     def unsaved(self) -> bool:
         return self._unsaved is not None
+
+    @property
+    def _unsaved(self) -> tuple[TokenRecord, tuple[Event, ...]] | None:
+        return self._kept
+
+    @_unsaved.setter
+    def _unsaved(self, kept: tuple[TokenRecord, tuple[Event, ...]] | None) -> None:
+        self._kept = kept
+        (self.pending.discard if kept is None else self.pending.add)(self.name)
 
     def ready(self) -> tuple[bool, str]:
         record = self.record

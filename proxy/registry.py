@@ -107,6 +107,8 @@ class Registry:
         self._settings, self._store, self._make, self._metrics = settings, store, make, metrics
         self._clock, self._one_shot = clock, one_shot
         self._used: dict[str, float] = {}
+        self._pending: set[str] = set()
+        """Connections holding a write the store has not taken (each credential notes it)."""
         self.connections: dict[str, Credential] = {}
         self._covered: dict[str, tuple[str, ...]] = {}
         self._by_property: dict[str, set[str]] = {}
@@ -318,6 +320,7 @@ class Registry:
         credential = self._make(settings)
         # The property index and the counts follow every adopted record.
         credential.listener = self._adopted
+        credential.pending = self._pending
         # Known before the first await: a feed entry or an admin call for the same id that
         # arrives while it starts finds it, rather than making a second one.
         self.connections[settings.name] = credential
@@ -336,6 +339,7 @@ class Registry:
     async def _remove(self, name: str) -> None:
         self._index(name, ())  # routing never meets an id that is no longer there
         credential = self.connections.pop(name)
+        self._pending.discard(name)
         self._note(name)
         task = self._tasks.pop(name, None)
         if task is not None:
@@ -487,6 +491,10 @@ class Registry:
                 "send X-Cloudbeds-App or X-Cloudbeds-Connection to pick one"
             )
         return self.connections[next(iter(ids))]
+
+    def unsaved(self) -> list[Credential]:
+        """The connections holding a write the store has not taken: what a write-back visits."""
+        return [self.connections[n] for n in list(self._pending) if n in self.connections]
 
     def used(self, name: str) -> None:
         """Note that a request used connection `name` (written in batches by `flush_used`)."""
