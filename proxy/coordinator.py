@@ -48,13 +48,13 @@ from proxy.logs import hold_secrets
 from proxy.metrics import Metrics
 from proxy.pacing import Pacer
 from proxy.refresh import (
-    PACE_MAX_DELAY,
     Action,
     Decision,
     RefreshPolicy,
     backoff,
     decide,
     force_at,
+    pace_limit,
     phase,
     refreshed,
 )
@@ -457,7 +457,7 @@ class OAuthCredential:
         record, now = self.record, self._clock()
         if self._pacer is None or record is None or not record.usable(now):
             return True
-        await self._pacer.wait(min(PACE_MAX_DELAY, record.seconds_left(now) / 2))
+        await self._pacer.wait(pace_limit(record, self._policy, now))
         return self._decide(self.record, retry_at=self._retry_at).action is Action.REFRESH
 
     def _decide(self, record: TokenRecord | None, *, retry_at: float = 0.0) -> Decision:

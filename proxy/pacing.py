@@ -4,8 +4,9 @@ Hashing spreads connections over the grid evenly on average, but a second can st
 three times the mean. A `Pacer` per budget (an app) hands out start times at most
 `refresh.PACE_FACTOR` times as fast as refreshes have been coming due on this replica
 over the last ten minutes: a refresh due in a crowded second waits a few seconds (never
-more than `refresh.PACE_MAX_DELAY`, nor half the time its token has left). Only refreshes
-of tokens that are still valid are paced; a request waiting for a token never is.
+more than `refresh.pace_limit`: 30 s, half the time its token has left, 1 % of its
+cycle). Only refreshes of tokens that are still valid are paced; a request waiting for a
+token never is.
 """
 
 from __future__ import annotations

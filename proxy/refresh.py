@@ -30,10 +30,11 @@ Rules (DESIGN.md, "The token lifecycle"; README, "Refresh scheduling"):
 - Pacing (`paced`): however the phases of the connections in use happen to cluster, a
   replica starts the ahead-of-time refreshes of one budget (an app) at most
   `PACE_FACTOR` times as fast as they arrived lately (at least one a second), delaying one
-  by at most min(30 s, half the time its token has left): the delay moves it off its grid
-  point but not its next one. On one replica the busiest second stays within twice the
-  mean; replicas pace independently (the first to start a refresh makes it), so a fleet
-  comes close to that without a bound.
+  by at most min(30 s, half the time its token has left, 1 % of its cycle: `pace_limit`):
+  the delay moves it off its grid point but not its next one, so that token serves that
+  much less and pacing costs at most 1 % more calls. On one replica the busiest second
+  stays within twice the mean; replicas pace independently (the first to start a refresh
+  makes it), so a fleet comes close to that without a bound.
 - Refresh what is used (`on_use`, a connection of an app): ahead of expiry only while the
   connection was used on this replica within `idle_after` seconds (default: one lifetime of
   the record). An idle one is `IDLE` until its keep-alive; its next request refreshes it
@@ -178,6 +179,20 @@ PACE_MIN_RATE = 1.0
 PACE_MIN_ELAPSED = 10.0
 """Seconds the rate is estimated over at least: a few first arrivals do not make it high."""
 PACE_MAX_DELAY = 30.0
+PACE_MAX_SHARE = 0.01
+"""A paced refresh is delayed by at most this share of its cycle: the delay shortens the
+token's use before the next grid point by as much, so pacing costs at most 1 % more token
+calls (with Cloudbeds' hour-long tokens the 30 s bound is the one that applies)."""
+
+
+def pace_limit(record: TokenRecord, policy: RefreshPolicy, now: float) -> float:
+    """The longest a refresh of `record` that comes due now may be paced: 30 s, half the
+    time its token has left, and `PACE_MAX_SHARE` of its cycle (lifetime - leeway)."""
+    bound = min(PACE_MAX_DELAY, record.seconds_left(now) / 2)
+    span = lifetime(record)
+    if span is not None:
+        bound = min(bound, PACE_MAX_SHARE * (span - min(policy.leeway, span / 2)))
+    return max(bound, 0.0)
 
 
 def pace_spacing(arrivals: int, elapsed: float) -> float:

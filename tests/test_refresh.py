@@ -22,6 +22,7 @@ from proxy.refresh import (
     keepalive_after,
     keepalive_time,
     may_force,
+    pace_limit,
     pace_spacing,
     paced,
     phase,
@@ -484,3 +485,15 @@ def test_paced_steady_state_keeps_one_refresh_per_cycle() -> None:
         starts.append(issued)
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(C - 6 < gap < C + 6 for gap in gaps)
+
+
+def test_pacing_never_costs_more_than_a_hundredth_of_a_cycle() -> None:
+    """A paced refresh serves its token that much less before the next grid point: the
+    delay is bounded by 1 % of the cycle, 30 s and half the time the token has left."""
+    policy = RefreshPolicy(leeway=300.0, grid=True)
+    hour = TokenRecord("a", 3600.0, "r", 1, refreshed_at=0.0)
+    assert pace_limit(hour, policy, now=3000.0) == 30.0  # min(30, 300, 33)
+    short = TokenRecord("a", 200.0, "r", 1, refreshed_at=0.0)
+    assert pace_limit(short, RefreshPolicy(leeway=40.0, grid=True), now=150.0) == 1.6
+    assert pace_limit(hour, policy, now=3590.0) == 5.0  # half the 10 s left
+    assert pace_limit(hour, policy, now=3700.0) == 0.0  # expired: never paced
