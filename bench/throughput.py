@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -479,9 +480,41 @@ def start_proxies(
 
 def process_tree_cpu(pid: int) -> float:
     """utime + stime of `pid` and of its children (the workers of `serve --workers N`)."""
+    return cpu_seconds(pid) + sum(cpu_seconds(k) for k in children_of(pid))
+
+
+def children_of(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as children:
-        kids = [int(k) for k in children.read().split()]
-    return cpu_seconds(pid) + sum(cpu_seconds(k) for k in kids)
+        return [int(k) for k in children.read().split()]
+
+
+def bytes_in_per_process(port: int) -> dict[int, int]:
+    """Bytes each process has received on its established connections to `port` (ss -tip).
+
+    wrk sends the same request every time, so a worker's bytes over the request's size are
+    its requests: how SO_REUSEPORT spread the load. Empty without `ss`."""
+    if not shutil.which("ss"):
+        return {}
+    cmd = ["ss", "-tinpH", "state", "established", f"sport = :{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    got: dict[int, int] = {}
+    pid: int | None = None
+    for token in out.split():
+        if token.startswith("users:"):
+            pid = int(token.split("pid=")[1].split(",")[0])
+        elif token.startswith("bytes_received:") and pid is not None:
+            got[pid] = got.get(pid, 0) + int(token.split(":")[1])
+            pid = None
+    return got
+
+
+def snapshot(into: dict[int, int], port: int) -> None:
+    into.update(bytes_in_per_process(port))
+
+
+def request_bytes(scenario: Scenario, host: str) -> int:
+    """The size of wrk's request for `scenario` (no body): its head as wrk writes it."""
+    return len(f"{scenario.method} {scenario.path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
 
 
 def run_workers(args: argparse.Namespace) -> None:
@@ -518,15 +551,27 @@ def run_workers(args: argparse.Namespace) -> None:
                     target = serving[workers]
                     cmd = wrk_command(tmp, target.url, scenario, conns, args.duration)
                     cmd[1] = "-t2"
-                    before = process_tree_cpu(target.process.pid)
+                    pids = children_of(target.process.pid) or [target.process.pid]
+                    before = {p: cpu_seconds(p) for p in pids}
+                    port = int(target.url.rpartition(":")[2])
+                    # Near the end of the run, while wrk's connections are still open.
+                    seen: dict[int, int] = {}
+                    timer = threading.Timer(args.duration - 0.3, snapshot, (seen, port))
+                    timer.start()
                     got = run_load(cmd, None, target.process.pid, args.duration + 30)
-                    cpu = process_tree_cpu(target.process.pid) - before
-                    result = dataclasses.replace(got, cpu_seconds=cpu)
+                    timer.join()
+                    per_cpu = {p: cpu_seconds(p) - before[p] for p in pids}
+                    result = dataclasses.replace(got, cpu_seconds=sum(per_cpu.values()))
                     if round_no:
                         results[workers].append(result)
+                    size = request_bytes(scenario, target.url.removeprefix("http://"))
+                    split = ", ".join(
+                        f"pid {p}: {per_cpu[p]:.2f} s CPU, ~{seen.get(p, 0) // size} req"
+                        for p in pids
+                    )
                     print(
                         f"  round {round_no} {target.name}: {result.rps:.0f} req/s, "
-                        f"{result.cpu_us:.0f} us CPU/req",
+                        f"{result.cpu_us:.0f} us CPU/req ({split})",
                         flush=True,
                     )
         finally:

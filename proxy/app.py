@@ -28,7 +28,7 @@ from proxy.credentials import ApiKeyCredential, Credential, KeepAlive
 from proxy.crypto import TokenCipher
 from proxy.delivery import Delivery
 from proxy.errors import StoreUnavailable
-from proxy.forwarding import Forwarder
+from proxy.forwarding import Forwarder, forward_session
 from proxy.gcra import RateLimit, split
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
@@ -175,8 +175,10 @@ async def _runtime(
         settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock
     )
     registry = Registry(settings, store, make, metrics, clock)
+    # The forwarder's calls have a session of their own, with every option set once.
+    forwarding = forward_session(settings)
     forwarder = Forwarder(
-        settings, session, registry, limiter, metrics, callers=Callers(settings.callers)
+        settings, forwarding, registry, limiter, metrics, callers=Callers(settings.callers)
     )
     delivery = _delivery(settings, store, session, metrics, clock)
     connections = Connections(
@@ -219,6 +221,7 @@ async def _runtime(
         await limiter.close()
         with contextlib.suppress(StoreUnavailable):
             await registry.flush_used()
+        await forwarding.close()
         await session.close()
         await store.close()
 

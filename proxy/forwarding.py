@@ -53,6 +53,7 @@ from proxy.headers import (
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
 from proxy.registry import Registry
+from proxy.upstream import GuardedConnector, VerbatimRequest
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -122,6 +123,35 @@ def _too_large(limit: int) -> str:
     return f"the request body exceeds CBPROXY_MAX_BODY_BYTES ({limit} bytes); send a smaller one"
 
 
+def forward_session(settings: Settings) -> aiohttp.ClientSession:
+    """The forwarder's own session: every option of a forwarded call is set here, once.
+
+    Guarded connections and verbatim requests (proxy/upstream.py); no cookie jar (a cookie
+    Cloudbeds sets for one caller is never sent for another); no decompression, no auto
+    headers, no status checks: the bytes pass unchanged.
+    """
+    # `connect` bounds the wait for a pooled connection too, so a full pool ends in a 504
+    # rather than a queue without end.
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=settings.connect_timeout,
+        sock_connect=settings.connect_timeout,
+        sock_read=settings.read_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=GuardedConnector(limit=200, keepalive_timeout=30),
+        request_class=VerbatimRequest,
+        timeout=timeout,
+        skip_auto_headers=_SKIP_AUTO,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        raise_for_status=False,
+        # One more than the budget: a head just over it is refused by check_answer_head
+        # with the same code as one far over it.
+        max_headers=settings.max_response_headers + 1,
+    )
+
+
 class Forwarder:
     def __init__(
         self,
@@ -137,14 +167,6 @@ class Forwarder:
         self._settings, self._session, self._registry = settings, session, registry
         self._limiter, self._metrics = limiter, metrics
         self._base = settings.upstream_url
-        # `connect` bounds the wait for a pooled connection too, so a full pool ends in a
-        # 504 rather than a queue without end.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.connect_timeout,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.read_timeout,
-        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         caller = self._callers.identify(request.headers)
@@ -202,17 +224,10 @@ class Forwarder:
         url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
         try:
+            # Timeouts, skipped auto headers and the header limit are the session's
+            # (forward_session): set once, not per call.
             response = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                skip_auto_headers=_SKIP_AUTO,
-                timeout=self._timeout,
-                # One more than the budget: a head just over it is refused by
-                # check_answer_head below with the same code as one far over it.
-                max_headers=settings.max_response_headers + 1,
+                request.method, url, headers=headers, data=body, allow_redirects=False
             )
         except TimeoutError:
             raise UpstreamTimeout(

@@ -242,9 +242,29 @@ def info_flat(event: str, fields: Mapping[str, Scalar], context: Mapping[str, st
         else:
             rendered = _json_scalar(value)
         parts.append(f"{encode_basestring_ascii(key)}: {rendered}")
-    now = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
-    stream.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{now}"}}\n')
+    stream.write(f'{{{", ".join(parts)}, "level": "info", "timestamp": "{iso_now()}"}}\n')
     stream.flush()
+
+
+_second: list[Any] = [0, ""]
+"""The last whole second stamped, and its text up to the seconds."""
+
+
+def iso_now() -> str:
+    """`datetime.now(UTC).isoformat()` with `Z` for `+00:00`, as structlog's ISO stamper
+    writes it (microseconds, or none when they are 0), from `time.time()` as `now` takes
+    it; the date and time up to the second are formatted once per second."""
+    now = time.time()
+    second = int(now)
+    micro = round((now - second) * 1e6)  # as datetime rounds a timestamp's fraction
+    if micro >= 1_000_000:
+        second, micro = second + 1, 0
+    cached = _second
+    if second != cached[0]:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        cached[:] = second, stamp.strftime("%Y-%m-%dT%H:%M:%S")
+    text = cached[1]
+    return f"{text}.{micro:06d}Z" if micro else f"{text}Z"
 
 
 def _json_scalar(value: Scalar) -> str:

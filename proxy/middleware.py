@@ -55,8 +55,27 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID, "")
     if 0 < len(given) <= 200 and given.isprintable():
         return given
-    # 128 random bits as 32 hex digits, the shape uuid4().hex had, without building a UUID.
-    return os.urandom(16).hex()
+    return _RANDOM_IDS.next()
+
+
+class _RandomIds:
+    """128 bits from `os.urandom` per id, as 32 hex digits (the shape uuid4().hex had),
+    read 256 ids at a time: one system call per 256 requests, not one per request."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._hex, self._at = "", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(16 * self._BATCH).hex(), 0
+        self._at = at + 32
+        return self._hex[at : at + 32]
+
+
+_RANDOM_IDS = _RandomIds()
 
 
 @web.middleware

@@ -14,6 +14,11 @@ Rules:
   fails only the protocol and leaves the body waiting for bytes that never come, with
   the read timeout already stopped.
 
+- The read timeout (`sock_read`) is aiohttp's rule: it runs while an answer is awaited
+  and each arrival of bytes starts it again. Here an arrival moves a deadline instead of
+  replacing the timer (aiohttp cancels one and schedules another for every chunk): one
+  timer per wait, which on firing early re-arms for what is left of the deadline.
+
 - A request carries the framing headers its caller sent: no `Content-Length: 0` that
   the caller left out. aiohttp adds one to a bodyless request of every method but GET,
   HEAD, OPTIONS and TRACE; RFC 9110 §8.6 says a client should not send it where the
@@ -37,6 +42,10 @@ from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
+_TIMER_SLACK = 0.001
+"""A read timer that fires this close to its deadline (the loop runs timers up to its clock
+resolution early) times out rather than re-arming."""
+
 
 class GuardedResponseHandler(ResponseHandler):
     """aiohttp's client protocol, refusing bytes nobody asked for."""
@@ -48,6 +57,8 @@ class GuardedResponseHandler(ResponseHandler):
         self._idle = True
         """No request is waiting for an answer: before the first request, and from the end
         of each final answer's body until the next request. Nothing may come now."""
+        self._deadline = 0.0
+        """When the read timeout runs out, if no byte comes first (loop time)."""
 
     def set_response_params(self, **kwargs: Any) -> None:
         # Called once per request, before it is sent: a new exchange begins.
@@ -77,6 +88,23 @@ class GuardedResponseHandler(ResponseHandler):
             # The parser's message quotes the upstream's bytes; the class name is enough.
             broken = aiohttp.ClientPayloadError(f"answer body broken ({type(exc).__name__})")
             set_exception(payload, broken, exc)
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        loop = self._loop
+        self._deadline = loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = loop.call_at(self._deadline, self._read_timer_fired)
+
+    def _read_timer_fired(self) -> None:
+        self._read_timeout_handle = None
+        if self._deadline - self._loop.time() > _TIMER_SLACK:  # bytes came meanwhile
+            self._read_timeout_handle = self._loop.call_at(self._deadline, self._read_timer_fired)
+            return
+        self._on_read_timeout()
 
     def _ended(self) -> None:
         self._idle = True

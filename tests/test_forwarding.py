@@ -408,3 +408,31 @@ async def test_caller_leaving_mid_download_is_logged_as_the_caller_quietly(
     assert access["status"] == 200
     assert access["cut_short"] == "caller"
     assert not [line for line in lines if line.get("level") in ("error", "warning")]
+
+
+async def test_forward_session_keeps_no_cookies_and_adds_no_headers() -> None:
+    """A cookie Cloudbeds sets on one forwarded answer is never sent with the next call."""
+    from aiohttp import web
+
+    from proxy.forwarding import forward_session
+    from tests.support import serve
+
+    seen: list[dict[str, str]] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(text="ok", headers={"Set-Cookie": "session=caller-a; Path=/"})
+
+    app = web.Application()
+    app.router.add_get("/api/v1.3/getHotels", upstream)
+    runner, url = await serve(app)
+    session = forward_session(settings_for(url))
+    try:
+        for _ in range(2):
+            async with session.get(f"{url}/api/v1.3/getHotels") as response:
+                assert response.status == 200
+    finally:
+        await session.close()
+        await runner.cleanup()
+    assert all("Cookie" not in headers for headers in seen)
+    assert all("User-Agent" not in headers and "Accept" not in headers for headers in seen)

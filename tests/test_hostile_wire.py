@@ -533,3 +533,50 @@ async def test_bytes_before_the_first_request_close_the_connection() -> None:
         protocol.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nINJECTED")
         assert transport.is_closing() and not protocol.is_connected()
         assert len(protocol) == 0  # nothing queued for whoever would have come next
+
+
+# The read timeout bounds each wait for the answer's bytes, not the whole answer.
+
+
+async def test_an_answer_that_trickles_within_the_read_timeout_arrives_whole(
+    start_proxy: Any,
+) -> None:
+    """Bytes that keep coming, each within the read timeout, move its deadline: the answer
+    outlasts the timeout several times over and still arrives complete."""
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        for byte in b"abcdef":
+            await asyncio.sleep(0.2)
+            writer.write(bytes([byte]))
+            await writer.drain()
+        await until_eof(reader)
+
+    async with RawUpstream(behaviour) as upstream:
+        proxy = await start_proxy(settings(upstream.url, CBPROXY_READ_TIMEOUT="0.5"))
+        answer = await exchange(proxy, get("/api/v1.3/getHotels"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert body == b"abcdef"
+
+
+async def test_an_answer_that_stops_past_the_read_timeout_is_cut(start_proxy: Any) -> None:
+    """After some bytes came, a silence past the read timeout still ends the answer: the
+    caller's connection is closed short of the Content-Length."""
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        for byte in b"abc":
+            await asyncio.sleep(0.1)
+            writer.write(bytes([byte]))
+            await writer.drain()
+        await until_eof(reader)  # silent until the proxy gives up and closes
+
+    async with RawUpstream(behaviour) as upstream:
+        proxy = await start_proxy(settings(upstream.url, CBPROXY_READ_TIMEOUT="0.5"))
+        answer = await exchange(proxy, get("/api/v1.3/getHotels"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) < 6

@@ -276,3 +276,16 @@ def test_standard_output_is_written_once_per_loop_turn(
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers[:] = []
+
+
+@pytest.mark.parametrize(
+    "now", [1764648000.0, 1764648000.5, 1764648000.000001, 1764648000.9999996, 1764648059.123456]
+)
+def test_iso_now_is_the_iso_stampers_text(now: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access line's timestamp is the text structlog's ISO stamper writes for that time
+    (microseconds rounded as datetime rounds them, none when they are 0)."""
+    import datetime
+
+    monkeypatch.setattr(logs.time, "time", lambda: now)
+    expected = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat()
+    assert logs.iso_now() == expected.replace("+00:00", "Z")
