@@ -227,7 +227,8 @@ async def test_the_page_does_not_grow_with_the_number_of_connections() -> None:
             await registry.apply(f"partner.property.{i}", record)
         body = generate_latest(metrics.registry)
         await registry.stop(0)
-        return body
+        # `_created` samples are timestamps, whose printed length varies by a digit or two.
+        return b"\n".join(x for x in body.splitlines() if b"_created " not in x)
 
     small, large = await page_with(10), await page_with(1000)
     assert b'cbproxy_connections{app="partner",state="ok"} 1000.0' in large
