@@ -44,10 +44,11 @@ from proxy.errors import (
     TokenRejected,
 )
 from proxy.events import Event, EventType, new_event
-from proxy.logs import hold_secrets
+from proxy.logs import hold_secrets, register_secret
 from proxy.metrics import Metrics
 from proxy.pacing import Pacer
 from proxy.refresh import (
+    DEFAULT_LIFETIME,
     Action,
     Decision,
     RefreshPolicy,
@@ -78,6 +79,8 @@ def _long_backoff(policy: RefreshPolicy) -> RefreshPolicy:
     return dataclasses.replace(policy, backoff_base=30.0, backoff_cap=900.0)
 
 
+_UNREADABLE_RECHECK = 60.0
+"""Seconds between two looks at a connection whose stored record this replica cannot read."""
 _LOCK_MARGIN = 1.0
 """Seconds of the lock kept spare after the token call's own timeout."""
 
@@ -245,14 +248,15 @@ class OAuthCredential:
         self.record = record
         if self.listener is not None:
             self.listener(self.name, self.properties)
-        # Tokens from this process's refreshes and from other replicas alike: never logged,
-        # an access token while it is usable, the permanent refresh token for good.
-        hold_secrets(
-            f"{self.name} access",
-            record.access_token,
-            usable_for=record.expires_at - self._clock(),
-        )
-        hold_secrets(self.name, record.refresh_token)
+        # Tokens from this process's refreshes and from other replicas alike: never logged.
+        # The newest are searched for anywhere in a line; every one is looked up by word
+        # while it is held and while it could still be used: an access token until it
+        # expires, a refresh token one lifetime more (once rotated, Cloudbeds refuses it).
+        register_secret(record.access_token)
+        register_secret(record.refresh_token)
+        life = record.expires_at - self._clock()
+        hold_secrets(f"{self.name} access", record.access_token, usable_for=life)
+        hold_secrets(self.name, record.refresh_token, usable_for=life + DEFAULT_LIFETIME)
         self._header = (
             ("Authorization", f"Bearer {record.access_token}") if record.access_token else None
         )
@@ -431,6 +435,13 @@ class OAuthCredential:
         """Refresh ahead of expiry, forever; cancelled at shutdown."""
         while True:
             self._wake.clear()
+            if self.unreadable is not None:
+                # No token call and no write while the stored record cannot be read: wait
+                # for a change (a reload that reads it), looking again once a minute.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_UNREADABLE_RECHECK):
+                        await self._wake.wait()
+                continue
             decision = self._decide(self.record, retry_at=self._retry_at)
             self._idle = decision.action is Action.IDLE
             if decision.action is Action.REFRESH:
@@ -485,6 +496,9 @@ class OAuthCredential:
         cancelling runs the refresh's `finally`, which releases the lock at once rather
         than leaving it to expire while other replicas wait.
         """
+        # No longer held: its tokens stay redacted only while they could still be used.
+        hold_secrets(f"{self.name} access")
+        hold_secrets(self.name)
         task = self._inflight
         if task is None or task.done():
             return

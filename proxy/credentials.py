@@ -37,7 +37,7 @@ from proxy.errors import (
     TokenEndpointUnavailable,
 )
 from proxy.events import Event
-from proxy.logs import hold_secrets
+from proxy.logs import hold_secrets, register_secret
 from proxy.refresh import RefreshPolicy, backoff, grid_point, keepalive_after, phase
 from proxy.store import TokenStore, held
 from proxy.tokens import Kind, Outcome, State, TokenRecord, Write, rebased, resolve
@@ -164,6 +164,7 @@ class ApiKeyCredential:
             return False  # the configuration's key is the key
         if not force and current is not None and record.generation <= current.generation:
             return False
+        register_secret(record.access_token)
         hold_secrets(self.name, record.access_token)
         self.record = record
         if self.listener is not None:
@@ -237,8 +238,14 @@ class ApiKeyCredential:
             try:
                 at = await self._keep_alive(keep, place)
                 attempt = 0
-            except (ProxyError, TokenEndpointError) as exc:  # the store or Cloudbeds: later
-                reason = exc.message if isinstance(exc, ProxyError) else exc.reason
+            except Exception as exc:  # the store, Cloudbeds, or a bug: try again later
+                if isinstance(exc, ProxyError):
+                    reason = exc.message
+                elif isinstance(exc, TokenEndpointError):
+                    reason = exc.reason
+                else:  # a bug must not end the keep-alives of this key for good
+                    log.exception("api_key.keepalive.crashed", credential=self.name)
+                    reason = type(exc).__name__
                 delay = backoff(attempt, _KEEPALIVE_BACKOFF, random.random())  # noqa: S311
                 attempt += 1
                 at = keep.clock() + delay
@@ -328,4 +335,4 @@ class ApiKeyCredential:
             self.adopt(stored)
 
     async def stop(self, timeout: float) -> None:
-        return None
+        hold_secrets(self.name)  # no longer held: redacted while it could still be used

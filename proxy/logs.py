@@ -62,8 +62,8 @@ _held_values: dict[str, int] = {}
 its past, may hold one value): looked up, not scanned, so a line costs the same at 10
 connections as at 10,000."""
 KEEP_UNEXPIRING = 30 * 24 * 3600.0
-"""How long a replaced secret with no known expiry (an API key, a refresh token) stays
-redacted: Cloudbeds expires an API key unused for 30 days."""
+"""How long a replaced secret with no known expiry (an API key) stays redacted: Cloudbeds
+expires an API key unused for 30 days."""
 _WORD = re.compile(r"[A-Za-z0-9._~+/-]{6,}=*")
 """A run of token characters: a received or held token shows up in a line as one of these."""
 _searched: tuple[str, ...] = ()
@@ -119,20 +119,28 @@ def _scrub(value: str) -> str:
         value = _PATTERNS.sub(lambda m: (m.group(1) or "") + REDACTED, value)
     # Configured secrets (a few, and of any characters) and the newest received tokens (at
     # most 64) are searched for, so one is caught inside a longer word too; the held ones,
-    # one or two per connection, are looked up word by word: the words of the line are
-    # collected once and tested against them as a set, and only a line that holds one is
-    # rewritten.
+    # a few per connection, are looked up word by word and path segment by path segment:
+    # the words of the line are collected once and tested against them as a set, and only
+    # a line that holds one is rewritten.
     for secret in _searched:
         if secret in value:
             value = value.replace(secret, REDACTED)
-    if _held_values and not _held_values.keys().isdisjoint(_WORD.findall(value)):
-        value = _WORD.sub(_held_word, value)
+    if _held_values:
+        words = _WORD.findall(value)
+        if not _held_values.keys().isdisjoint(words) or any(
+            "/" in w and not _held_values.keys().isdisjoint(w.split("/")) for w in words
+        ):
+            value = _WORD.sub(_held_word, value)
     return value
 
 
 def _held_word(match: re.Match[str]) -> str:
     word = match.group(0)
-    return REDACTED if word in _held_values else word
+    if word in _held_values:
+        return REDACTED
+    if "/" in word:
+        return "/".join(REDACTED if p in _held_values else p for p in word.split("/"))
+    return word
 
 
 def _clean(value: Any) -> Any:

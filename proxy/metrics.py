@@ -21,6 +21,10 @@ from prometheus_client.registry import Collector
 ConnectionCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Request methods counted under their own name."""
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -136,13 +140,16 @@ class Metrics:
         """Count one request answered: the child series is bound once per label pair.
 
         `labels()` looks its child up under a lock each time; the pairs are few (methods
-        by status classes, the same set the series already are), so each is kept.
+        by status classes, the same set the series already are), so each is kept. A method
+        outside the usual ones counts as "other": aiohttp's C parser refuses unknown methods,
+        its pure-Python one does not, and a caller must not be able to add series.
         """
         child = self._answered.get((method, status_class))
         if child is None:
-            child = self._answered[method, status_class] = self.requests.labels(
-                method, status_class
-            )
+            label = method if method in _METHODS else "other"
+            child = self.requests.labels(label, status_class)
+            if label == method:
+                self._answered[method, status_class] = child
         child.inc()
 
     def count_connections(self, counts: ConnectionCounts) -> None:

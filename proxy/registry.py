@@ -509,8 +509,12 @@ class Registry:
             self._used = {**batch, **self._used}
 
     async def stop(self, timeout: float) -> None:
-        for lookup in list(self._lookups.values()):
+        # Lookups first, and awaited: one that made a connection after the refresh tasks
+        # were cancelled would leave its task running on a closed store.
+        lookups = list(self._lookups.values())
+        for lookup in lookups:
             lookup.cancel()
+        await asyncio.gather(*lookups, return_exceptions=True)
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

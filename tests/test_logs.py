@@ -289,3 +289,14 @@ def test_iso_now_is_the_iso_stampers_text(now: float, monkeypatch: pytest.Monkey
     monkeypatch.setattr(logs.time, "time", lambda: now)
     expected = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat()
     assert logs.iso_now() == expected.replace("+00:00", "Z")
+
+
+def test_a_held_token_in_a_path_segment_is_redacted() -> None:
+    """A token is looked up as a whole word and as each `/` segment of one (a URL path)."""
+    from proxy import logs as log_module
+
+    for n in range(1000):  # far more than the newest few searched anywhere
+        log_module.hold_secrets(f"p{n} access", f"path-held-token-{n:04d}", usable_for=60)
+    line = log_module._scrub("GET /api/path-held-token-0001/x and /y/path-held-token-0002")
+    assert "path-held-token" not in line
+    assert line == "GET /api/[redacted]/x and /y/[redacted]"

@@ -234,3 +234,19 @@ async def test_the_page_does_not_grow_with_the_number_of_connections() -> None:
     assert b'cbproxy_connections{app="partner",state="ok"} 1000.0' in large
     assert len(small.splitlines()) == len(large.splitlines())  # the same series
     assert len(large) - len(small) <= 4  # the count's digits, nothing more
+
+
+def test_a_method_outside_the_usual_ones_counts_as_other() -> None:
+    """aiohttp's pure-Python parser takes any method: the series must not grow with them."""
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    for n in range(50):
+        metrics.answered(f"MADEUP{n}", "4xx")
+    metrics.answered("GET", "2xx")
+    page = generate_latest(metrics.registry).decode()
+    assert 'cbproxy_requests_total{method="other",status_class="4xx"} 50.0' in page
+    assert 'cbproxy_requests_total{method="GET",status_class="2xx"} 1.0' in page
+    assert "MADEUP" not in page
