@@ -120,6 +120,8 @@ class Registry:
         self._rereading = False
         self.progress = LoadStatus()
         self._lookups: dict[str, asyncio.Task[None]] = {}
+        self._checked: set[str] = set()
+        """Properties looked up in the store during this load (cleared once it is done)."""
         self._counts: dict[Counted, int] = {}
         self._counted: dict[str, Counted] = {}
         metrics.count_connections(self.counts)
@@ -397,23 +399,29 @@ class Registry:
     async def find(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Credential:
         """`route`, and while stored connections are still loading, the store for a miss.
 
-        A miss (or, by property, a disconnected connection that a live one, not loaded
-        yet, may replace) is looked up in the store, single-flight per id or property, and
-        routed again. After the load, `route` alone: dictionary lookups.
+        A miss by id is looked up in the store; so is a property the first time it is
+        asked for during the load, hit or miss (a connection not loaded yet may cover it
+        too: a live one in place of a disconnected one, or a second one that makes it
+        ambiguous). Lookups are single-flight per id or property; then routed again.
+        After the load, `route` alone: dictionary lookups.
         """
         if not self.loading:
+            if self._checked:
+                self._checked.clear()
             return self.route(headers, query)
         name = next((headers[s] for s in CONNECTION_SELECTORS if s in headers), None)
+        prop = _property(headers, query) if name is None else None
         try:
             found = self.route(headers, query)
         except (UnknownConnection, UnknownProperty):
             found = None
-        if found is not None and (name is not None or state_of(found) != "disconnected"):
+        if found is not None and (name is not None or prop is None or prop in self._checked):
             return found
         if name is not None:
             await self._once("id:" + name, lambda: self._fetch(name))
-        elif (prop := _property(headers, query)) is not None:
+        elif prop is not None:
             await self._once("property:" + prop, lambda: self._fetch_covering(prop))
+            self._checked.add(prop)
         return self.route(headers, query)
 
     async def _once(self, key: str, lookup: Callable[[], Awaitable[None]]) -> None:

@@ -13,7 +13,13 @@ import pytest
 from proxy.clock import FakeClock
 from proxy.config import AppSettings, Settings
 from proxy.credentials import ApiKeyCredential, Credential
-from proxy.errors import ProxyError, RecordUnreadable, UnknownConnection, UnknownProperty
+from proxy.errors import (
+    AmbiguousProperty,
+    ProxyError,
+    RecordUnreadable,
+    UnknownConnection,
+    UnknownProperty,
+)
 from proxy.metrics import Metrics
 from proxy.registry import Registry
 from proxy.store import MemoryStore, Page
@@ -194,3 +200,28 @@ async def test_counts_follow_state_changes_without_a_loop_over_connections() -> 
     await reg.apply("partner.property.1", TokenRecord("t", 1e12, "r", 3, app="partner"))
     assert reg.counts() == {("partner", "ok"): 1, ("partner", "disconnected"): 1}
     await reg.stop(0)
+
+
+async def test_while_loading_a_property_hit_is_checked_once_against_the_store() -> None:
+    """A property one loaded connection covers may be covered by one not loaded yet too:
+    ambiguous (409), as it will be once everything is loaded, not routed to the first."""
+    store = GatedStore()
+    for i in (1, 2):
+        await store.put(f"partner.property.{i}", key(1, ("7",)))
+    reg, _ = registry(store)  # type: ignore[arg-type]
+    await reg.start()
+    follow = asyncio.ensure_future(reg.follow())
+    try:
+        await asyncio.sleep(0.05)
+        assert reg.loading
+        await reg.find({"X-Cloudbeds-Connection": "partner.property.1"}, {})  # one loaded
+        with pytest.raises(AmbiguousProperty):
+            await reg.find({"X-PROPERTY-ID": "7"}, {})
+        with pytest.raises(AmbiguousProperty):
+            await reg.find({"X-PROPERTY-ID": "7"}, {})
+        assert store.coverings == 1  # looked up once for the load, then from memory
+    finally:
+        store.release.set()
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+        await reg.stop(0)
