@@ -21,7 +21,7 @@ import functools
 import json
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,7 +195,7 @@ class SqliteStore:
     def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
         return flatten(self.change_batches(since))
 
-    async def change_batches(self, since: str) -> AsyncIterator[Batch]:
+    async def change_batches(self, since: str) -> AsyncGenerator[Batch, None]:
         seen = int(since)
         oldest = await self._run(lambda db: db.execute("SELECT MIN(seq) FROM feed").fetchone())
         if seen and oldest[0] is not None and oldest[0] > seen + 1:

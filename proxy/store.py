@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import structlog
@@ -90,7 +90,7 @@ class TokenStore(Protocol):
     def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
         """(position, id) for each write after `since`; id None: entries were lost."""
 
-    def change_batches(self, since: str) -> AsyncIterator[Batch]:
+    def change_batches(self, since: str) -> AsyncGenerator[Batch, None]:
         """The entries of `changes(since)`, as many at a time as one read of the feed gives."""
 
     async def save_state(self, state: str, data: Mapping[str, str]) -> None:
@@ -217,11 +217,13 @@ def readable(stored: Iterable[tuple[str, str | bytes | None]]) -> list[Event]:
     return events
 
 
-async def flatten(batches: AsyncIterator[Batch]) -> AsyncIterator[tuple[str, str | None]]:
-    """`changes()` from `change_batches()`: one entry at a time."""
-    async for batch in batches:
-        for entry in batch:
-            yield entry
+async def flatten(batches: AsyncGenerator[Batch, None]) -> AsyncIterator[tuple[str, str | None]]:
+    """`changes()` from `change_batches()`: one entry at a time. Closing it closes the
+    batches' generator too, at once (its blocking read holds a pooled connection)."""
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for entry in batch:
+                yield entry
 
 
 def after(names: Iterable[str], cursor: str | None, limit: int) -> tuple[list[str], str | None]:
@@ -300,7 +302,7 @@ class MemoryStore:
     def changes(self, since: str) -> AsyncIterator[tuple[str, str | None]]:
         return flatten(self.change_batches(since))
 
-    async def change_batches(self, since: str) -> AsyncIterator[Batch]:
+    async def change_batches(self, since: str) -> AsyncGenerator[Batch, None]:
         seen = int(since)
         while True:
             async with self._grew:
