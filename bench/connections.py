@@ -160,8 +160,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def replica_env(fake_url: str, redis_url: str, leeway: float, idle_after: float) -> dict[str, str]:
-    return {
+def replica_env(
+    fake_url: str, redis_url: str, leeway: float, idle_after: float | None = None
+) -> dict[str, str]:
+    """A replica's environment; `idle_after` sets CBPROXY_REFRESH_IDLE_AFTER (else its
+    default, one token lifetime)."""
+    env = {
         "CBPROXY_UPSTREAM_URL": fake_url,
         "CBPROXY_TOKEN_URL": f"{fake_url}/api/v1.3/access_token",
         "CBPROXY_AUTHORIZE_URL": f"{fake_url}/api/v1.3/oauth",
@@ -169,11 +173,13 @@ def replica_env(fake_url: str, redis_url: str, leeway: float, idle_after: float)
         "CBPROXY_REDIS_PREFIX": "bench",
         "CBPROXY_ADMIN_TOKEN": ADMIN_TOKEN,
         "CBPROXY_REFRESH_LEEWAY": str(leeway),
-        "CBPROXY_REFRESH_IDLE_AFTER": str(idle_after),
         "CBPROXY_SHUTDOWN_GRACE": "2",
         "CBPROXY_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
     }
+    if idle_after is not None:
+        env["CBPROXY_REFRESH_IDLE_AFTER"] = str(idle_after)
+    return env
 
 
 def write_config(workdir: Path, rate_limit: float, rate_burst: int) -> Path:
@@ -751,21 +757,29 @@ async def run(args: argparse.Namespace, procs: Processes) -> None:
             )
 
 
-def main() -> None:
-    args = parse_args()
+def run_fleet(
+    run: Callable[[argparse.Namespace, Processes], Awaitable[None]],
+    args: argparse.Namespace,
+    name: str,
+) -> None:
+    """Run a benchmark of processes: `run(args, procs)`, and every process stopped after."""
     for key in [k for k in os.environ if k.startswith("CBPROXY_")]:
         del os.environ[key]  # the replicas get only what this benchmark gives them
     # Ctrl-C, and SIGTERM too, raise KeyboardInterrupt (even where SIGINT came in ignored,
     # as in a background job): `finally` stops the fleet.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    procs = Processes(Path(tempfile.mkdtemp(prefix="cbproxy-bench-connections-")))
+    procs = Processes(Path(tempfile.mkdtemp(prefix=f"cbproxy-bench-{name}-")))
     try:
         asyncio.run(run(args, procs))
     except KeyboardInterrupt:
         print("interrupted; stopping everything", flush=True)
     finally:
         procs.stop()
+
+
+def main() -> None:
+    run_fleet(run, parse_args(), "connections")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import random
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +52,7 @@ from bench.connections import (
     refresh_calls,
     register_tokens,
     replica_env,
+    run_fleet,
     start_replica,
 )
 from tests.support import ProxyProcess
@@ -257,18 +255,7 @@ def report(
 
 
 def main() -> None:
-    args = parse_args()
-    for key in [k for k in os.environ if k.startswith("CBPROXY_")]:
-        del os.environ[key]  # the replicas get only what this benchmark gives them
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    procs = Processes(Path(tempfile.mkdtemp(prefix="cbproxy-bench-fairness-")))
-    try:
-        asyncio.run(run(args, procs))
-    except KeyboardInterrupt:
-        print("interrupted; stopping everything", flush=True)
-    finally:
-        procs.stop()
+    run_fleet(run, parse_args(), "fairness")
 
 
 if __name__ == "__main__":

@@ -777,3 +777,103 @@ async def test_official_sdk_is_routed_by_property(
         assert entry["path"] == "/api/v1.3/getReservations"
         assert (entry["connection"], entry["asked"]) == (f"{client}/property:{pid}", [pid])
     assert_no_secrets(state, [proxy])
+
+
+# --- refresh what is used: an imported connection nobody uses costs no token call; its first
+# request makes exactly one (and waits for it), and the other replica serves the same token.
+# An idle API key gets its keep-alive call from one replica.
+
+IDLE_IMPORTS = 20
+
+
+async def test_an_idle_import_makes_no_token_call_until_a_request_then_one(
+    fake_cloudbeds: Fake,
+    redis_url: str,
+    key_prefix: str,
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    state, fake_url = fake_cloudbeds
+    register(state, ALPHA)
+    config = write_config(tmp_path, app_table(ALPHA, rate_limit=50, rate_burst=50))
+    env = partner_env(fake_url, config, **redis_env(redis_url, key_prefix))
+    a, b = await fleet(env, config, count=2)
+    client = ALPHA[1]
+    for n in range(IDLE_IMPORTS):
+        prop = str(5000 + n)
+        token = f"imported-idle-{n}"
+        state.add_refresh_token(token, state.grant(client, properties=[prop]))
+        body = {"app": "alpha", "refresh_token": token, "properties": [prop]}
+        status, answer = await admin(session, "PUT", a.url, f"alpha.property.{prop}", body)
+        assert status == 201, answer
+
+    async def known_to_b() -> bool:
+        status, _ = await admin(session, "GET", b.url, f"alpha.property.{5000 + IDLE_IMPORTS - 1}")
+        return status == 200
+
+    await eventually(known_to_b, what="the imports reach the other replica")
+    await asyncio.sleep(2.0)  # several poll intervals and feed reads: time to misbehave
+    assert sum(state.token_calls_by_client[client].values()) == 0
+
+    # The first request waits for the one refresh it needs, and succeeds.
+    status, body, error = await hotels(session, a.url, {"X-PROPERTY-ID": "5003"})
+    assert (status, error, body.get("success")) == (200, None, True), body
+    assert state.token_calls_by_client[client]["refresh_token"] == 1
+    # The token is shared: more requests, on either replica, make no further call.
+    for proxy in (a, b, a, b):
+        status, body, error = await hotels(session, proxy.url, {"X-PROPERTY-ID": "5003"})
+        assert (status, error) == (200, None), body
+    await asyncio.sleep(1.0)
+    assert sum(state.token_calls_by_client[client].values()) == 1
+    api_keys_or_tokens = {e["credential"] for e in state.api_log if e["path"].endswith("Hotels")}
+    assert len(api_keys_or_tokens) == 1  # one access token served every request
+
+
+async def test_an_idle_api_key_is_kept_alive_by_one_replica(
+    fake_cloudbeds: Fake,
+    redis_url: str,
+    key_prefix: str,
+    fleet: Fleet,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    state, fake_url = fake_cloudbeds
+    register(state, ALPHA)
+    config = write_config(tmp_path, app_table(ALPHA, rate_limit=50, rate_burst=50))
+    # A 4-second interval: a keep-alive 2 to 4 seconds after the key's last use.
+    env = partner_env(
+        fake_url,
+        config,
+        CBPROXY_KEEPALIVE_INTERVAL="4",
+        **redis_env(redis_url, key_prefix),
+    )
+    key = state.mint_api_key(state.grant(ALPHA[1], properties=["5100"]))
+    a, _ = await fleet(env, config, count=2)
+    body = {"app": "alpha", "api_key": key, "properties": ["5100"]}
+    status, answer = await admin(session, "PUT", a.url, "alpha.property.5100", body)
+    assert status == 201, answer
+
+    def keepalives() -> list[dict[str, object]]:
+        return [e for e in state.api_log if e["path"] == "/api/v1.3/getHotels"]
+
+    async def kept_alive() -> bool:
+        return bool(keepalives())
+
+    await eventually(kept_alive, what="a keep-alive call with the idle key")
+    first = len(keepalives())
+    assert keepalives()[0]["kind"] == "api_key"
+    assert keepalives()[0]["status"] == 200
+    status, answer = await admin(session, "GET", a.url, "alpha.property.5100")
+    assert status == 200
+    # Recorded as a use for the fleet (the admin API shows it).
+    await eventually(lambda: _last_used(session, a.url), what="last_used_at set")
+    await asyncio.sleep(4.0)
+    # One interval later: at most one more, whichever replica made it (never one each).
+    assert first <= len(keepalives()) <= first + 2
+    assert key not in a.log_text()
+
+
+async def _last_used(session: aiohttp.ClientSession, url: str) -> bool:
+    status, answer = await admin(session, "GET", url, "alpha.property.5100")
+    return status == 200 and answer["connection"]["last_used_at"] is not None
