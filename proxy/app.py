@@ -28,7 +28,7 @@ from proxy.credentials import ApiKeyCredential, Credential, KeepAlive
 from proxy.crypto import TokenCipher
 from proxy.delivery import Delivery
 from proxy.errors import StoreUnavailable
-from proxy.forwarding import Forwarder, forward_session
+from proxy.forwarding import Forwarder
 from proxy.gcra import RateLimit, split
 from proxy.logs import register_secret
 from proxy.metrics import Metrics
@@ -40,7 +40,7 @@ from proxy.registry import MakeCredential, Registry
 from proxy.runtime import PUBLIC, RUNTIME, Runtime
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
-from proxy.upstream import GuardedConnector, VerbatimRequest
+from proxy.upstream import GuardedConnector, Upstream, VerbatimRequest
 
 log = structlog.get_logger("proxy.app")
 
@@ -175,8 +175,19 @@ async def _runtime(
         settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock
     )
     registry = Registry(settings, store, make, metrics, clock)
-    # The forwarder's calls have a session of their own, with every option set once.
-    forwarding = forward_session(settings)
+    # The forwarder's calls go through a client of their own (see proxy/upstream.py).
+    # `connect` bounds the wait for a pooled connection too, so a full pool ends in a 504
+    # rather than a queue without end.
+    forwarding = Upstream(
+        settings.upstream_url,
+        limit=200,
+        keepalive=30.0,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        # One more than the budget: a head just over it is refused by check_answer_head
+        # with the same code as one far over it.
+        max_headers=settings.max_response_headers + 1,
+    )
     forwarder = Forwarder(
         settings, forwarding, registry, limiter, metrics, callers=Callers(settings.callers)
     )

@@ -5,9 +5,8 @@ no re-encoding. Bodies stream in both directions (an answer that has arrived who
 time its head is read, with a Content-Length, goes back in one write); only a body small
 enough to replay after a 401 (`replay_body_bytes`, and with a Content-Length) is read whole
 first; the replay takes its own slot of the rate budget, as every call to Cloudbeds does.
-aiohttp's client adds headers of its own unless told not to (`skip_auto_headers`) and
-decompresses unless told not to (`auto_decompress=False` on the session): the caller's
-bytes and Cloudbeds' bytes pass unchanged.
+The client (`upstream.Upstream`) adds no header but `Host` and decompresses nothing: the
+caller's bytes and Cloudbeds' bytes pass unchanged.
 
 Every wait has a bound: each read of the caller's body waits at most the read timeout
 (a stalled body, or one whose chunked framing broke, which aiohttp's C parser leaves
@@ -29,7 +28,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.callers import Callers
 from proxy.config import Settings
@@ -53,7 +51,7 @@ from proxy.headers import (
 from proxy.metrics import Metrics
 from proxy.ratelimit import Limiter
 from proxy.registry import Registry
-from proxy.upstream import GuardedConnector, VerbatimRequest
+from proxy.upstream import Answer, UnreadableAnswer, Upstream
 
 log = structlog.get_logger("proxy.forwarding")
 
@@ -74,8 +72,6 @@ class Exchange:
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
 NOT_REPLAYED = "X-Cloudbeds-Proxy-Not-Replayed"
-# Headers aiohttp's client would invent; the caller's own are sent as they are.
-_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 _CHUNK = 64 * 1024
 
 
@@ -123,40 +119,11 @@ def _too_large(limit: int) -> str:
     return f"the request body exceeds CBPROXY_MAX_BODY_BYTES ({limit} bytes); send a smaller one"
 
 
-def forward_session(settings: Settings) -> aiohttp.ClientSession:
-    """The forwarder's own session: every option of a forwarded call is set here, once.
-
-    Guarded connections and verbatim requests (proxy/upstream.py); no cookie jar (a cookie
-    Cloudbeds sets for one caller is never sent for another); no decompression, no auto
-    headers, no status checks: the bytes pass unchanged.
-    """
-    # `connect` bounds the wait for a pooled connection too, so a full pool ends in a 504
-    # rather than a queue without end.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=settings.connect_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
-    )
-    return aiohttp.ClientSession(
-        connector=GuardedConnector(limit=200, keepalive_timeout=30),
-        request_class=VerbatimRequest,
-        timeout=timeout,
-        skip_auto_headers=_SKIP_AUTO,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        raise_for_status=False,
-        # One more than the budget: a head just over it is refused by check_answer_head
-        # with the same code as one far over it.
-        max_headers=settings.max_response_headers + 1,
-    )
-
-
 class Forwarder:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         registry: Registry,
         limiter: Limiter,
         metrics: Metrics,
@@ -164,9 +131,8 @@ class Forwarder:
         callers: Callers,
     ) -> None:
         self._callers = callers
-        self._settings, self._session, self._registry = settings, session, registry
+        self._settings, self._upstream, self._registry = settings, upstream, registry
         self._limiter, self._metrics = limiter, metrics
-        self._base = settings.upstream_url
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         caller = self._callers.identify(request.headers)
@@ -218,24 +184,19 @@ class Forwarder:
         credential: Credential,
         header: tuple[str, str],
         body: bytes | _BodyStream | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Answer:
         headers = upstream_headers_of(request.raw_headers, header, request[EXCHANGE].request_id)
         settings = self._settings
-        url = URL(self._base + request.raw_path, encoded=True)
         started = time.perf_counter()
         try:
-            # Timeouts, skipped auto headers and the header limit are the session's
-            # (forward_session): set once, not per call.
-            response = await self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
-            )
+            response = await self._upstream.send(request.method, request.raw_path, headers, body)
         except TimeoutError:
             raise UpstreamTimeout(
                 "Cloudbeds did not answer within CBPROXY_READ_TIMEOUT/CBPROXY_CONNECT_TIMEOUT; "
                 "retry later",
                 retry_after=5,
             ) from None
-        except aiohttp.ClientResponseError:
+        except UnreadableAnswer:
             # What aiohttp's parser refused in the answer's head (too many headers, a line
             # over 8 KiB, bytes that are not HTTP). Its message quotes those bytes: not ours.
             raise UpstreamInvalidResponse(
@@ -243,7 +204,7 @@ class Forwarder:
                 "header limits); retry later",
                 retry_after=5,
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             if isinstance(body, _BodyStream) and body.too_large:
                 raise BodyTooLarge(_too_large(body.limit)) from None
             if isinstance(body, _BodyStream) and body.incomplete:
@@ -270,7 +231,7 @@ class Forwarder:
         await self._honour_pause(credential.settings.budget, response)
         return response
 
-    async def _honour_pause(self, name: str, response: aiohttp.ClientResponse) -> None:
+    async def _honour_pause(self, name: str, response: Answer) -> None:
         """Cloudbeds' 429 (or 503 with Retry-After) pauses the budget on every replica: a
         connection of an app pauses the whole app, since Cloudbeds counts per client id."""
         retry_after = response.headers.get("Retry-After")
@@ -287,8 +248,8 @@ class Forwarder:
         credential: Credential,
         header: tuple[str, str],
         body: bytes | _BodyStream | None,
-        response: aiohttp.ClientResponse,
-    ) -> aiohttp.ClientResponse:
+        response: Answer,
+    ) -> Answer:
         """Refresh if the rejected token is current; replay once if the body was buffered."""
         renewed = await credential.rejected(header)
         if not renewed:
@@ -306,7 +267,7 @@ class Forwarder:
         return await self._send(request, credential, await credential.header(), body)
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, credential: str
+        self, request: web.Request, upstream: Answer, credential: str
     ) -> web.StreamResponse:
         try:
             headers = downstream_headers_of(upstream.raw_headers)
@@ -354,7 +315,7 @@ class Forwarder:
     async def _answer_whole(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Answer,
         headers: CIMultiDict[str],
         body: bytes,
     ) -> web.StreamResponse:
@@ -390,7 +351,7 @@ def _complete(content: aiohttp.StreamReader, length: int | None) -> bool:
     return content.is_eof() and content.total_bytes == length and content.exception() is None
 
 
-def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+def _arrived_whole(request: web.Request, upstream: Answer) -> bytes | None:
     """The answer's body when it has all arrived already, with a Content-Length; else None.
 
     Cloudbeds' usual answer (a few KiB) is in the proxy's buffer by the time its head is

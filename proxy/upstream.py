@@ -1,4 +1,12 @@
-"""Connections to the upstream that never mix answers and never leave a body hanging.
+"""Connections to the upstream that never mix answers and never leave a body hanging, and
+the forwarder's client on them.
+
+Two clients use these connections: the aiohttp session of the token calls, keep-alives
+and events (`GuardedConnector`, `VerbatimRequest`), and the forwarder's `Upstream`, which
+writes each request itself and reads the answer's head with aiohttp's own protocol and
+parser. aiohttp's `ClientSession` costs more per call than all the rest of a forwarded
+request (its request and response objects, tracing, redirects, cookies, a task per body):
+the forwarder needs none of it, and the connection rules below hold for both.
 
 Rules:
 - A pooled connection answers exactly one request at a time, in order. Before the first
@@ -25,22 +33,29 @@ Rules:
   method does not anticipate content (a `DELETE`), and the proxy adds nothing.
 
 aiohttp offers no public hook for its protocol, so `GuardedConnector` swaps the factory
-`TCPConnector` uses to make one; everything else is aiohttp's own.
+`TCPConnector` uses to make one; `Upstream` makes its connections with it directly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Iterable
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable, Iterable
 from typing import Any, cast
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL, set_exception
-from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
+from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage, StreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
+from yarl import URL
 
 _TIMER_SLACK = 0.001
 """A read timer that fires this close to its deadline (the loop runs timers up to its clock
@@ -158,3 +173,295 @@ class VerbatimRequest(aiohttp.ClientRequest):
         super().update_body_from_data(body, _stacklevel + 1)
         if body is None and not given:
             self.headers.popall(hdrs.CONTENT_LENGTH, None)
+
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Answer:
+    """One upstream answer: its head, its body (aiohttp's stream) and the connection it
+    came on, which `release` hands back to the pool once the body has ended (else
+    closes) and `close` closes."""
+
+    __slots__ = ("_conn", "_pool", "content", "headers", "raw_headers", "reason", "status")
+
+    def __init__(
+        self, message: RawResponseMessage, content: StreamReader, pool: Upstream, conn: _Conn
+    ) -> None:
+        self.status, self.reason = message.code, message.reason
+        self.headers, self.raw_headers = message.headers, message.raw_headers
+        self.content = content
+        self._pool = pool
+        self._conn: _Conn | None = conn
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get(hdrs.CONTENT_LENGTH)
+        return None if value is None else int(value)  # the parser let only digits through
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.put(conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.protocol.force_close()
+            self._pool.put(conn)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Conn:
+    protocol: GuardedResponseHandler
+    since: float = 0.0
+    """When it last went idle (loop time)."""
+    writer: asyncio.Task[None] | None = None
+    """A streamed body still being written."""
+
+
+class UnreadableAnswer(Exception):
+    """The answer's head was refused by the parser (malformed, or over the head limits)."""
+
+
+class Upstream:
+    """The forwarder's HTTP/1.1 client: a pool of guarded keep-alive connections to one
+    origin, a request written as it is given, and the answer's head read.
+
+    It sends exactly the headers it is given, after `Host` (aiohttp's order), and
+    `Transfer-Encoding: chunked` only for a streamed body without a Content-Length; no
+    automatic headers, cookies, redirects or decompression. A connection answers one
+    request at a time and goes back to the pool only once its answer has ended: its
+    parser, read timeout and guards are aiohttp's (`GuardedResponseHandler`).
+
+    - At most `limit` connections are open; a request that finds none free waits, and the
+      wait and the connect together last at most `connect_timeout` (`TimeoutError`).
+    - A connection idle for `keepalive` seconds is closed.
+    - An idempotent request whose reused connection turns out closed by the upstream
+      (a keep-alive it dropped) is sent once more on a new connection (RFC 9112 §9.3.1),
+      as aiohttp does; a streamed body is never resent.
+
+    Raises `TimeoutError`, `UnreadableAnswer`, `aiohttp.ClientError` (the connection
+    failed or closed, or a streamed body failed) or `OSError` (no connection).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        limit: int,
+        keepalive: float,
+        connect_timeout: float,
+        read_timeout: float,
+        max_headers: int,
+    ) -> None:
+        parsed = URL(url)
+        if parsed.scheme not in _DEFAULT_PORTS or not parsed.host:
+            raise ValueError(f"not an http(s) URL: {url}")
+        self._host, self._tls = parsed.host, parsed.scheme == "https"
+        self._port = parsed.port or _DEFAULT_PORTS[parsed.scheme]
+        self._host_header = parsed.host_port_subcomponent or parsed.host
+        self._prefix = parsed.raw_path.rstrip("/")
+        self._ssl = ssl.create_default_context() if self._tls else None
+        self._limit, self._keepalive = limit, keepalive
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._max_headers = max_headers
+        self._loop = asyncio.get_running_loop()
+        self._idle: deque[_Conn] = deque()
+        """Oldest on the left; taken from the right (the warmest)."""
+        self._open = 0
+        """Connections open or being opened."""
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> Answer:
+        """Send `method target` with `headers` and `body`; the answer once its head came."""
+        retry = method in IDEMPOTENT and not _streamed(body)
+        while True:
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            try:
+                return await self._exchange(conn, method, target, headers, body)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if not (reused and retry):
+                    raise
+                retry = False
+
+    async def _exchange(
+        self,
+        conn: _Conn,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> Answer:
+        protocol = conn.protocol
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=self._read_timeout,
+            max_headers=self._max_headers,
+        )
+        head = CIMultiDict({hdrs.HOST: self._host_header})
+        head.extend(headers)
+        writer = StreamWriter(protocol, self._loop)
+        try:
+            if body is None or isinstance(body, bytes):
+                # Written at the loop's next turn, with the other requests of this turn:
+                # the upstream wakes once for them, not once for each (waking a peer that
+                # sleeps is a large part of a write's cost on a busy machine).
+                await asyncio.sleep(0)
+                await writer.write_headers(f"{method} {self._prefix}{target} HTTP/1.1", head)
+                if body:
+                    await writer.write_eof(body)  # head and body in one write
+                else:
+                    writer.set_eof()
+                protocol.start_timeout()
+            else:
+                if hdrs.CONTENT_LENGTH not in head:
+                    head[hdrs.TRANSFER_ENCODING] = "chunked"
+                    writer.enable_chunking()
+                await writer.write_headers(f"{method} {self._prefix}{target} HTTP/1.1", head)
+                conn.writer = self._loop.create_task(_write_body(writer, protocol, body))
+            while True:
+                message, payload = await protocol.read()
+                if not 100 <= message.code < 200 or message.code == 101:
+                    break  # a 1xx but 101 is an interim answer: the final one follows
+        except HttpProcessingError:
+            self._discard(conn)
+            raise UnreadableAnswer from None
+        except BaseException:
+            self._discard(conn)
+            raise
+        return Answer(message, payload, self, conn)
+
+    def _take_idle(self) -> _Conn | None:
+        idle = self._idle
+        if not idle:
+            return None
+        now = self._loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.protocol.is_connected() and now - conn.since < self._keepalive:
+                return conn
+            self._discard(conn)
+        return None
+
+    async def _connect(self) -> _Conn:
+        """A connection for a request that found none idle: a new one while under the
+        limit, else the next one released."""
+        if self._closed:
+            raise aiohttp.ClientConnectionError("the upstream pool is closed")
+        async with asyncio.timeout(self._connect_timeout):
+            while self._open >= self._limit:
+                waiter = self._loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake()  # woken, then cancelled: the turn goes to the next
+                    else:
+                        with contextlib.suppress(ValueError):
+                            self._waiters.remove(waiter)
+                    raise
+                conn = self._take_idle()
+                if conn is not None:
+                    return conn
+            self._open += 1
+            try:
+                _, protocol = await self._loop.create_connection(
+                    functools.partial(GuardedResponseHandler, self._loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None,
+                    happy_eyeballs_delay=0.25,
+                )
+            except BaseException:
+                self._open -= 1
+                self._wake()
+                raise
+        return _Conn(protocol)
+
+    def put(self, conn: _Conn) -> None:
+        """A connection whose answer is done with: idle if it can take another request."""
+        writer = conn.writer
+        if writer is not None and not writer.done():
+            writer.cancel()  # a body still going up: the connection cannot be reused
+            conn.protocol.force_close()
+        conn.writer = None
+        if self._closed or conn.protocol.should_close or not conn.protocol.is_connected():
+            self._discard(conn)
+            return
+        conn.since = self._loop.time()
+        self._idle.append(conn)
+        self._wake()
+        if self._sweep is None:
+            self._sweep = self._loop.call_at(conn.since + self._keepalive, self._close_stale)
+
+    def _discard(self, conn: _Conn) -> None:
+        writer = conn.writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        conn.protocol.close()
+        self._open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _close_stale(self) -> None:
+        self._sweep = None
+        idle, now = self._idle, self._loop.time()
+        while idle and now - idle[0].since >= self._keepalive:
+            self._discard(idle.popleft())
+        if idle:
+            self._sweep = self._loop.call_at(idle[0].since + self._keepalive, self._close_stale)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        while self._idle:
+            self._discard(self._idle.pop())
+
+
+def _streamed(body: bytes | AsyncIterable[bytes] | None) -> bool:
+    return body is not None and not isinstance(body, bytes)
+
+
+_NOT_SENT = "the request body could not be sent"
+
+
+async def _write_body(
+    writer: StreamWriter, protocol: ResponseHandler, body: AsyncIterable[bytes]
+) -> None:
+    """A streamed body, written while the answer is awaited (an upstream may answer before
+    it has read it all); a body that fails fails the answer's wait too."""
+    try:
+        async for chunk in body:
+            await writer.write(chunk)
+        await writer.write_eof()
+    except OSError as exc:
+        set_exception(protocol, aiohttp.ClientOSError(exc.errno, _NOT_SENT), exc)
+    except Exception as exc:  # the caller's body failed (too large, stalled, cut off)
+        set_exception(protocol, aiohttp.ClientConnectionError(_NOT_SENT), exc)
+    else:
+        protocol.start_timeout()

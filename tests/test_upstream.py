@@ -1,13 +1,18 @@
-"""The upstream request class: aiohttp's automatic headers, by aiohttp's own rule."""
+"""The upstream clients: the request class of the token calls' session (aiohttp's automatic
+headers, by aiohttp's own rule), and the forwarder's own client, its pool and its wire."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import VerbatimRequest
+from proxy.upstream import UnreadableAnswer, Upstream, VerbatimRequest
 
 SKIPS = [
     None,
@@ -36,3 +41,223 @@ async def test_automatic_headers_are_aiohttps(
         )
         assert list(ours.headers.items()) == list(theirs.headers.items())
         assert list(ours.skip_auto_headers) == list(theirs.skip_auto_headers)
+
+
+# --- the forwarder's client (proxy.upstream.Upstream) against a raw HTTP/1.1 server ------
+
+
+class RawServer:
+    """An HTTP/1.1 server on 127.0.0.1 that answers each request head as `answer` says,
+    and records the connections and the bytes each request came with."""
+
+    def __init__(self, answer: Any = None) -> None:
+        self.answer = answer or (lambda n, head: OK)
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.connections = 0
+        self.closed = 0
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                self.bodies.append(await _read_body(reader, head))
+                reply = self.answer(n, head)
+                n += 1
+                if reply is None:  # close without answering
+                    break
+                writer.write(reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    lowered = head.lower()
+    if b"content-length:" in lowered:
+        length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
+        return await reader.readexactly(length)
+    if b"transfer-encoding: chunked" not in lowered:
+        return b""
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        body += (await reader.readexactly(size + 2))[:size]
+        if not size:
+            return body
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def client(url: str, **overrides: Any) -> Upstream:
+    options: dict[str, Any] = {
+        "limit": 4, "keepalive": 30.0, "connect_timeout": 2.0, "read_timeout": 2.0,
+        "max_headers": 100,
+    }  # fmt: skip
+    return Upstream(url, **{**options, **overrides})
+
+
+async def fetch(upstream: Upstream, method: str = "GET", body: Any = None) -> bytes:
+    answer = await upstream.send(method, "/api/v1.3/getHotels", CIMultiDict(), body)
+    try:
+        return await answer.content.read()
+    finally:
+        answer.release()
+
+
+async def test_one_connection_serves_requests_in_turn() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url)
+        try:
+            assert [await fetch(upstream) for _ in range(3)] == [b"ok"] * 3
+        finally:
+            await upstream.close()
+    assert server.connections == 1
+    assert server.heads[0].startswith(b"GET /api/v1.3/getHotels HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_a_full_pool_waits_for_a_connection_then_times_out() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url, limit=1, connect_timeout=0.3)
+        try:
+            held = await upstream.send("GET", "/a", CIMultiDict(), None)
+            waiting = asyncio.ensure_future(fetch(upstream))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            held.release()  # the waiting request gets this connection
+            assert await waiting == b"ok"
+            held = await upstream.send("GET", "/a", CIMultiDict(), None)
+            with pytest.raises(TimeoutError):
+                await fetch(upstream)
+            held.release()
+            assert await fetch(upstream) == b"ok"  # the timed-out wait left the pool sound
+        finally:
+            await upstream.close()
+    assert server.connections == 1
+
+
+async def test_an_answer_left_unread_closes_its_connection() -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1_000_000
+    server = RawServer(lambda n, head: big)
+    async with server as url:
+        upstream = client(url)
+        try:
+            answer = await upstream.send("GET", "/a", CIMultiDict(), None)
+            answer.release()  # its body not read
+            assert len(await fetch(upstream)) == 1_000_000
+        finally:
+            await upstream.close()
+    assert server.connections == 2
+
+
+async def test_idle_connections_close_after_the_keepalive() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url, keepalive=0.2)
+        try:
+            await fetch(upstream)
+            await asyncio.sleep(0.6)
+            assert server.closed == 1
+            assert await fetch(upstream) == b"ok"
+        finally:
+            await upstream.close()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+async def test_a_dropped_keepalive_is_retried_only_for_idempotent_methods(
+    method: str, retried: bool
+) -> None:
+    # Each connection answers its first request, then closes on the next without answering.
+    server = RawServer(lambda n, head: OK if n == 0 else None)
+    async with server as url:
+        upstream = client(url)
+        try:
+            await fetch(upstream, method, b"x" if method == "POST" else None)
+            if retried:
+                assert await fetch(upstream, method) == b"ok"
+            else:
+                with pytest.raises(aiohttp.ServerDisconnectedError):
+                    await fetch(upstream, method, b"x")
+        finally:
+            await upstream.close()
+    assert server.connections == (2 if retried else 1)
+
+
+async def test_a_streamed_body_goes_chunked_unless_it_has_a_length() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        for part in (b"one,", b"two,", b"three"):
+            yield part
+
+    server = RawServer()
+    async with server as url:
+        upstream = client(url)
+        try:
+            answer = await upstream.send("POST", "/a", CIMultiDict(), parts())
+            answer.release()
+            sized = CIMultiDict({"Content-Length": "13"})
+            answer = await upstream.send("POST", "/a", sized, parts())
+            answer.release()
+        finally:
+            await upstream.close()
+    assert server.bodies == [b"one,two,three"] * 2
+    assert b"Transfer-Encoding: chunked\r\n" in server.heads[0]
+    assert b"Transfer-Encoding" not in server.heads[1]
+
+
+async def test_a_failing_streamed_body_fails_the_answer_and_the_connection() -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"start"
+        raise ValueError("the caller's body broke")
+
+    server = RawServer()
+    async with server as url:
+        upstream = client(url)
+        try:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await upstream.send("POST", "/a", CIMultiDict(), broken())
+            assert await fetch(upstream) == b"ok"
+        finally:
+            await upstream.close()
+    assert server.connections == 2
+
+
+async def test_an_unparsable_head_is_unreadable_answer() -> None:
+    server = RawServer(lambda n, head: b"NOT HTTP AT ALL\r\n\r\n")
+    async with server as url:
+        upstream = client(url)
+        try:
+            with pytest.raises(UnreadableAnswer):
+                await fetch(upstream)
+        finally:
+            await upstream.close()
+
+
+async def test_interim_answers_are_skipped_and_a_path_prefix_is_kept() -> None:
+    server = RawServer(lambda n, head: b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    async with server as url:
+        upstream = client(url + "/prefix/")
+        try:
+            answer = await upstream.send("GET", "/a?b=1", CIMultiDict(), None)
+            assert (answer.status, answer.content_length) == (200, 2)
+            answer.release()
+        finally:
+            await upstream.close()
+    assert server.heads[0].startswith(b"GET /prefix/a?b=1 HTTP/1.1\r\n")
