@@ -119,6 +119,8 @@ class Registry:
         self._reread_first = False
         self._rereading = False
         self.progress = LoadStatus()
+        self.loaded = asyncio.Event()
+        """Set once the stored connections have loaded at start."""
         self._lookups: dict[str, asyncio.Task[None]] = {}
         self._checked: set[str] = set()
         """Properties looked up in the store during this load (cleared once it is done)."""
@@ -214,6 +216,7 @@ class Registry:
             self._rereading = False
         if first:
             self.progress.state, self.progress.finished = "done", loop.time()
+            self.loaded.set()
             log.info(
                 "registry.loaded",
                 connections=self.progress.loaded,

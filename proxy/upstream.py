@@ -235,8 +235,9 @@ class Upstream:
     request at a time and goes back to the pool only once its answer has ended: its
     parser, read timeout and guards are aiohttp's (`GuardedResponseHandler`).
 
-    - At most `limit` connections are open; a request that finds none free waits, and the
-      wait and the connect together last at most `connect_timeout` (`TimeoutError`).
+    - At most `limit` connections are open; a request that finds none free waits its turn
+      (first come, first served: a released connection goes to the first waiting request),
+      and the wait and the connect together last at most `connect_timeout` (`TimeoutError`).
     - A connection idle for `keepalive` seconds is closed.
     - An idempotent request whose reused connection turns out closed by the upstream
       (a keep-alive it dropped) is sent once more on a new connection (RFC 9112 §9.3.1),
@@ -272,7 +273,8 @@ class Upstream:
         """Oldest on the left; taken from the right (the warmest)."""
         self._open = 0
         """Connections open or being opened."""
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
+        """Requests waiting for a connection, first come first served."""
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -289,7 +291,7 @@ class Upstream:
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                conn, reused = await self._connection()
             try:
                 return await self._exchange(conn, method, target, headers, body)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -347,6 +349,8 @@ class Upstream:
         return Answer(message, payload, self, conn)
 
     def _take_idle(self) -> _Conn | None:
+        """An idle connection, taken without a wait (there are none while any request
+        waits: a released connection goes to the first waiting one)."""
         idle = self._idle
         if not idle:
             return None
@@ -358,45 +362,50 @@ class Upstream:
             self._discard(conn)
         return None
 
-    async def _connect(self) -> _Conn:
-        """A connection for a request that found none idle: a new one while under the
-        limit, else the next one released."""
+    async def _connection(self) -> tuple[_Conn, bool]:
+        """(a connection, whether it served before) for a request that found none idle:
+        a new one under the limit, else its turn for the next one released (or for the
+        place of one closed) in arrival order."""
         if self._closed:
             raise aiohttp.ClientConnectionError("the upstream pool is closed")
         async with asyncio.timeout(self._connect_timeout):
-            while self._open >= self._limit:
-                waiter = self._loop.create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter
-                except BaseException:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake()  # woken, then cancelled: the turn goes to the next
-                    else:
-                        with contextlib.suppress(ValueError):
-                            self._waiters.remove(waiter)
-                    raise
-                conn = self._take_idle()
-                if conn is not None:
-                    return conn
-            self._open += 1
+            if self._open < self._limit:
+                self._open += 1
+                return await self._open_one(), False
+            waiter: asyncio.Future[_Conn | None] = self._loop.create_future()
+            self._waiters.append(waiter)
             try:
-                _, protocol = await self._loop.create_connection(
-                    functools.partial(GuardedResponseHandler, self._loop),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._tls else None,
-                    happy_eyeballs_delay=0.25,
-                )
+                given = await waiter
             except BaseException:
-                self._open -= 1
-                self._wake()
+                if waiter.done() and not waiter.cancelled():
+                    self._pass_on(waiter.result())  # given, then cancelled: the next one's
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
                 raise
+            if given is None:  # the place of a connection that closed
+                return await self._open_one(), False
+            return given, True
+
+    async def _open_one(self) -> _Conn:
+        """A new connection, in a place already counted in `_open`."""
+        try:
+            _, protocol = await self._loop.create_connection(
+                functools.partial(GuardedResponseHandler, self._loop),
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._tls else None,
+                happy_eyeballs_delay=0.25,
+            )
+        except BaseException:
+            self._pass_on(None)
+            raise
         return _Conn(protocol)
 
     def put(self, conn: _Conn) -> None:
-        """A connection whose answer is done with: idle if it can take another request."""
+        """A connection whose answer is done with: to the first waiting request, or idle,
+        if it can take another request; else closed."""
         writer = conn.writer
         if writer is not None and not writer.done():
             writer.cancel()  # a body still going up: the connection cannot be reused
@@ -405,26 +414,35 @@ class Upstream:
         if self._closed or conn.protocol.should_close or not conn.protocol.is_connected():
             self._discard(conn)
             return
+        if self._give(conn):
+            return
         conn.since = self._loop.time()
         self._idle.append(conn)
-        self._wake()
         if self._sweep is None:
             self._sweep = self._loop.call_at(conn.since + self._keepalive, self._close_stale)
 
     def _discard(self, conn: _Conn) -> None:
+        """Close `conn`; its place goes to the first waiting request, if any."""
         writer = conn.writer
         if writer is not None and not writer.done():
             writer.cancel()
         conn.protocol.close()
-        self._open -= 1
-        self._wake()
+        self._pass_on(None)
 
-    def _wake(self) -> None:
+    def _pass_on(self, given: _Conn | None) -> None:
+        """A connection (or, None, a free place) that its request will not use."""
+        if given is not None:
+            self.put(given)
+        elif not self._give(None):
+            self._open -= 1
+
+    def _give(self, given: _Conn | None) -> bool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(given)
+                return True
+        return False
 
     def _close_stale(self) -> None:
         self._sweep = None

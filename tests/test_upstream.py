@@ -261,3 +261,28 @@ async def test_interim_answers_are_skipped_and_a_path_prefix_is_kept() -> None:
         finally:
             await upstream.close()
     assert server.heads[0].startswith(b"GET /prefix/a?b=1 HTTP/1.1\r\n")
+
+
+async def test_waiting_requests_get_connections_in_arrival_order() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url, limit=1)
+        done: list[int] = []
+
+        async def one(n: int) -> None:
+            await fetch(upstream)
+            done.append(n)
+
+        try:
+            held = await upstream.send("GET", "/a", CIMultiDict(), None)
+            waiting = [asyncio.ensure_future(one(n)) for n in range(4)]
+            await asyncio.sleep(0.05)
+            held.release()
+            # A newcomer while they wait queues behind them rather than taking the next
+            # released connection.
+            waiting.append(asyncio.ensure_future(one(4)))
+            await asyncio.gather(*waiting)
+        finally:
+            await upstream.close()
+    assert done == [0, 1, 2, 3, 4]
+    assert server.connections == 1
