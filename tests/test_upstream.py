@@ -4,15 +4,19 @@ headers, by aiohttp's own rule), and the forwarder's own client, its pool and it
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.upstream import UnreadableAnswer, Upstream, VerbatimRequest
+from tests.test_redis_servers import make_tls_files
 
 SKIPS = [
     None,
@@ -286,3 +290,39 @@ async def test_waiting_requests_get_connections_in_arrival_order() -> None:
             await upstream.close()
     assert done == [0, 1, 2, 3, 4]
     assert server.connections == 1
+
+
+async def test_an_https_upstream_is_verified_against_the_trusted_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloudbeds is HTTPS: the client verifies its certificate and name against the CAs
+    the process trusts (SSL_CERT_FILE adds one, as ops do for a private CA)."""
+    files = make_tls_files(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(files.cert, files.key)
+
+    async def hotels(request: web.Request) -> web.Response:
+        return web.Response(text=f"over {request.scheme}")
+
+    app = web.Application()
+    app.router.add_get("/api/v1.3/getHotels", hotels)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=served)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        untrusting = client(f"https://127.0.0.1:{port}")
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await fetch(untrusting)
+        finally:
+            await untrusting.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(files.ca))
+        trusting = client(f"https://127.0.0.1:{port}")
+        try:
+            assert await fetch(trusting) == b"over https"
+        finally:
+            await trusting.close()
+    finally:
+        await runner.cleanup()
