@@ -40,7 +40,7 @@ from proxy.registry import MakeCredential, Registry
 from proxy.runtime import PUBLIC, RUNTIME, Runtime
 from proxy.sqlite_store import SqliteStore
 from proxy.store import TokenStore
-from proxy.upstream import GuardedConnector, Upstream, VerbatimRequest
+from proxy.upstream import GuardedConnector, Upstream
 
 log = structlog.get_logger("proxy.app")
 
@@ -164,12 +164,10 @@ async def _runtime(
         store.observe_pool(metrics.pool_wait)
     for secret in settings.secrets():
         register_secret(secret, configured=True)
-    # Guarded: a pooled connection never carries one caller's answer to another, and a
-    # request goes with the framing its caller gave it (see proxy/upstream.py).
+    # Guarded: a pooled connection never carries one answer to another request (see
+    # proxy/upstream.py).
     connector = GuardedConnector(limit=200, keepalive_timeout=30)
-    session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, request_class=VerbatimRequest
-    )
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
     limiter = make_limiter(settings, store, metrics, clock)
     make = credential_factory(
         settings, store, session=session, limiter=limiter, metrics=metrics, clock=clock

@@ -166,20 +166,24 @@ def _quiet_collector(app: web.Application) -> None:
     """
     gc.set_threshold(_YOUNG_COLLECTION, 10, 10)
 
-    async def freeze(app: web.Application) -> AsyncIterator[None]:
+    def freeze() -> None:
+        gc.collect()  # garbage pending now would be frozen too, never to be collected
         gc.freeze()
+
+    async def settle(app: web.Application) -> AsyncIterator[None]:
+        freeze()
         registry = app[RUNTIME].registry
 
         async def after_load() -> None:
             await registry.loaded.wait()
-            gc.freeze()
+            freeze()
 
         task = asyncio.create_task(after_load(), name="freeze")
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    app.cleanup_ctx.append(freeze)
+    app.cleanup_ctx.append(settle)
 
 
 def _supervise(args: argparse.Namespace) -> int:

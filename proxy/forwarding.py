@@ -148,12 +148,12 @@ class Forwarder:
         await self._limiter.admit(credential.settings.budget, credential.name)
         header = await credential.header()
         upstream = await self._send(request, credential, header, body)
-        if upstream.status == 401:
-            upstream = await self._after_401(request, credential, header, body, upstream)
         try:
+            if upstream.status == 401:
+                upstream = await self._after_401(request, credential, header, body, upstream)
             return await self._relay(request, upstream, credential.name)
         finally:
-            upstream.release()
+            upstream.release()  # the one relayed (or the 401 it replaced), once its use ends
 
     async def _body(self, request: web.Request) -> bytes | _BodyStream | None:
         limit = self._settings.max_body_bytes
@@ -224,11 +224,11 @@ class Forwarder:
                 settings.max_response_header_bytes,
                 settings.max_response_headers,
             )
-        except UpstreamInvalidResponse:
+            request[EXCHANGE].upstream_request_id = response.headers.get(REQUEST_ID)
+            await self._honour_pause(credential.settings.budget, response)
+        except BaseException:
             response.close()  # the connection is not reused: its answer was not read
             raise
-        request[EXCHANGE].upstream_request_id = response.headers.get(REQUEST_ID)
-        await self._honour_pause(credential.settings.budget, response)
         return response
 
     async def _honour_pause(self, name: str, response: Answer) -> None:

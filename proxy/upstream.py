@@ -2,7 +2,7 @@
 the forwarder's client on them.
 
 Two clients use these connections: the aiohttp session of the token calls, keep-alives
-and events (`GuardedConnector`, `VerbatimRequest`), and the forwarder's `Upstream`, which
+and events (`GuardedConnector`), and the forwarder's `Upstream`, which
 writes each request itself and reads the answer's head with aiohttp's own protocol and
 parser. aiohttp's `ClientSession` costs more per call than all the rest of a forwarded
 request (its request and response objects, tracing, redirects, cookies, a task per body):
@@ -27,10 +27,10 @@ Rules:
   replacing the timer (aiohttp cancels one and schedules another for every chunk): one
   timer per wait, which on firing early re-arms for what is left of the deadline.
 
-- A request carries the framing headers its caller sent: no `Content-Length: 0` that
-  the caller left out. aiohttp adds one to a bodyless request of every method but GET,
-  HEAD, OPTIONS and TRACE; RFC 9110 §8.6 says a client should not send it where the
-  method does not anticipate content (a `DELETE`), and the proxy adds nothing.
+- A forwarded request carries the framing headers its caller sent: no `Content-Length: 0`
+  that the caller left out (aiohttp's client adds one to a bodyless request of every
+  method but GET, HEAD, OPTIONS and TRACE; RFC 9110 §8.6 says a client should not send it
+  where the method does not anticipate content, a `DELETE`).
 
 aiohttp offers no public hook for its protocol, so `GuardedConnector` swaps the factory
 `TCPConnector` uses to make one; `Upstream` makes its connections with it directly.
@@ -44,14 +44,14 @@ import dataclasses
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable
 from typing import Any, cast
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL, set_exception
-from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage, StreamWriter
+from aiohttp.http import RawResponseMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
@@ -139,42 +139,6 @@ class GuardedConnector(aiohttp.TCPConnector):
         self._factory = cast("functools.partial[ResponseHandler]", guarded)
 
 
-_SKIP_TABLES: dict[frozenset[str], CIMultiDict[None]] = {}
-"""aiohttp's table of the headers a request must not get added, per set asked for: the
-forwarder asks for the same set every time."""
-
-
-class VerbatimRequest(aiohttp.ClientRequest):
-    """aiohttp's request, minus the `Content-Length: 0` it invents for a bodyless one.
-
-    Its automatic headers follow aiohttp's rule (each default header and `User-Agent`
-    unless given or skipped) without copying the request's headers and building the
-    skip table anew for every request.
-    """
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        if skip_auto_headers is None:
-            super().update_auto_headers(skip_auto_headers)
-            return
-        key = frozenset(skip_auto_headers)
-        table = _SKIP_TABLES.get(key)
-        if table is None:
-            table = CIMultiDict((name, None) for name in sorted(key))
-            if len(_SKIP_TABLES) < 16:  # the proxy's own sets: a few at most
-                _SKIP_TABLES[key] = table
-        self._skip_auto_headers = table
-        headers = self.headers
-        for name, value in (*self.DEFAULT_HEADERS.items(), (hdrs.USER_AGENT, SERVER_SOFTWARE)):
-            if name not in headers and name not in table:
-                headers[name] = value
-
-    def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
-        given = hdrs.CONTENT_LENGTH in self.headers
-        super().update_body_from_data(body, _stacklevel + 1)
-        if body is None and not given:
-            self.headers.popall(hdrs.CONTENT_LENGTH, None)
-
-
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -211,6 +175,12 @@ class Answer:
             conn.protocol.force_close()
             self._pool.put(conn)
 
+    def __del__(self) -> None:
+        # An answer dropped unreleased (an error between its head and its relay) must not
+        # keep its place in the pool for good: its connection closes.
+        if self._conn is not None:
+            self.close()
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Conn:
@@ -219,6 +189,10 @@ class _Conn:
     """When it last went idle (loop time)."""
     writer: asyncio.Task[None] | None = None
     """A streamed body still being written."""
+
+
+class _Unsent(Exception):
+    """The connection closed before the request was written: it can go on another."""
 
 
 class UnreadableAnswer(Exception):
@@ -287,6 +261,7 @@ class Upstream:
     ) -> Answer:
         """Send `method target` with `headers` and `body`; the answer once its head came."""
         retry = method in IDEMPOTENT and not _streamed(body)
+        unsent = 2  # a connection found closed before the request went: never sent
         while True:
             conn = self._take_idle()
             reused = conn is not None
@@ -294,7 +269,11 @@ class Upstream:
                 conn, reused = await self._connection()
             try:
                 return await self._exchange(conn, method, target, headers, body)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            except _Unsent:
+                unsent -= 1
+                if not unsent:
+                    raise aiohttp.ServerDisconnectedError() from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError):
                 if not (reused and retry):
                     raise
                 retry = False
@@ -315,31 +294,15 @@ class Upstream:
             read_timeout=self._read_timeout,
             max_headers=self._max_headers,
         )
-        head = CIMultiDict({hdrs.HOST: self._host_header})
-        head.extend(headers)
-        writer = StreamWriter(protocol, self._loop)
         try:
-            if body is None or isinstance(body, bytes):
-                # Written at the loop's next turn, with the other requests of this turn:
-                # the upstream wakes once for them, not once for each (waking a peer that
-                # sleeps is a large part of a write's cost on a busy machine).
-                await asyncio.sleep(0)
-                await writer.write_headers(f"{method} {self._prefix}{target} HTTP/1.1", head)
-                if body:
-                    await writer.write_eof(body)  # head and body in one write
-                else:
-                    writer.set_eof()
-                protocol.start_timeout()
-            else:
-                if hdrs.CONTENT_LENGTH not in head:
-                    head[hdrs.TRANSFER_ENCODING] = "chunked"
-                    writer.enable_chunking()
-                await writer.write_headers(f"{method} {self._prefix}{target} HTTP/1.1", head)
-                conn.writer = self._loop.create_task(_write_body(writer, protocol, body))
+            await self._write(conn, method, target, headers, body)
             while True:
                 message, payload = await protocol.read()
                 if not 100 <= message.code < 200 or message.code == 101:
-                    break  # a 1xx but 101 is an interim answer: the final one follows
+                    break
+                # A 1xx but 101 is an interim answer: the final one follows, within the
+                # read timeout again (aiohttp's protocol stops it at each bodiless head).
+                protocol.start_timeout()
         except HttpProcessingError:
             self._discard(conn)
             raise UnreadableAnswer from None
@@ -347,6 +310,40 @@ class Upstream:
             self._discard(conn)
             raise
         return Answer(message, payload, self, conn)
+
+    async def _write(
+        self,
+        conn: _Conn,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> None:
+        """The request, after `Host`; a streamed body goes on in the connection's task."""
+        protocol = conn.protocol
+        head = CIMultiDict({hdrs.HOST: self._host_header})
+        head.extend(headers)
+        writer = StreamWriter(protocol, self._loop)
+        start = f"{method} {self._prefix}{target} HTTP/1.1"
+        if body is None or isinstance(body, bytes):
+            # Written at the loop's next turn, with the other requests of this turn: the
+            # upstream wakes once for them, not once for each (waking a peer that sleeps
+            # is a large part of a write's cost on a busy machine).
+            await asyncio.sleep(0)
+            if not protocol.is_connected():  # the upstream closed it meanwhile
+                raise _Unsent
+            await writer.write_headers(start, head)
+            if body:
+                await writer.write_eof(body)  # head and body in one write
+            else:
+                writer.set_eof()
+            protocol.start_timeout()
+            return
+        if hdrs.CONTENT_LENGTH not in head:
+            head[hdrs.TRANSFER_ENCODING] = "chunked"
+            writer.enable_chunking()
+        await writer.write_headers(start, head)
+        conn.writer = self._loop.create_task(_write_body(writer, protocol, body))
 
     def _take_idle(self) -> _Conn | None:
         """An idle connection, taken without a wait (there are none while any request
@@ -406,14 +403,12 @@ class Upstream:
     def put(self, conn: _Conn) -> None:
         """A connection whose answer is done with: to the first waiting request, or idle,
         if it can take another request; else closed."""
-        writer = conn.writer
-        if writer is not None and not writer.done():
-            writer.cancel()  # a body still going up: the connection cannot be reused
-            conn.protocol.force_close()
-        conn.writer = None
-        if self._closed or conn.protocol.should_close or not conn.protocol.is_connected():
+        writer, protocol = conn.writer, conn.protocol
+        unfinished = writer is not None and not writer.done()  # a body still going up
+        if unfinished or self._closed or protocol.should_close or not protocol.is_connected():
             self._discard(conn)
             return
+        conn.writer = None
         if self._give(conn):
             return
         conn.since = self._loop.time()
@@ -454,6 +449,10 @@ class Upstream:
 
     async def close(self) -> None:
         self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(aiohttp.ClientConnectionError("the upstream pool is closed"))
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

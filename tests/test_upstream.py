@@ -1,10 +1,11 @@
-"""The upstream clients: the request class of the token calls' session (aiohttp's automatic
-headers, by aiohttp's own rule), and the forwarder's own client, its pool and its wire."""
+"""The forwarder's own client (proxy.upstream.Upstream): its pool and its wire."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,39 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
-from proxy.upstream import UnreadableAnswer, Upstream, VerbatimRequest
+from proxy.upstream import UnreadableAnswer, Upstream
 from tests.test_redis_servers import make_tls_files
-
-SKIPS = [
-    None,
-    set(),
-    {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"},
-    {"accept"},
-    {"User-Agent"},
-]
-GIVEN = [
-    [],
-    [("Accept", "text/html"), ("Content-Type", "application/json")],
-    [("user-agent", "sdk/1"), ("X-Custom", "1")],
-]
-
-
-@pytest.mark.parametrize("skip", SKIPS)
-@pytest.mark.parametrize("given", GIVEN)
-async def test_automatic_headers_are_aiohttps(
-    skip: set[str] | None, given: list[tuple[str, str]]
-) -> None:
-    url = URL("http://127.0.0.1:9/api/v1.3/getHotels")
-    for _ in range(2):  # the second time from the kept skip table
-        ours = VerbatimRequest("GET", url, headers=CIMultiDict(given), skip_auto_headers=skip)
-        theirs = aiohttp.ClientRequest(
-            "GET", url, headers=CIMultiDict(given), skip_auto_headers=skip
-        )
-        assert list(ours.headers.items()) == list(theirs.headers.items())
-        assert list(ours.skip_auto_headers) == list(theirs.skip_auto_headers)
-
 
 # --- the forwarder's client (proxy.upstream.Upstream) against a raw HTTP/1.1 server ------
 
@@ -326,3 +297,89 @@ async def test_an_https_upstream_is_verified_against_the_trusted_cas(
             await trusting.close()
     finally:
         await runner.cleanup()
+
+
+def _server_in_a_thread(serve: Any) -> str:
+    """An asyncio server on its own loop in a daemon thread, so it runs while the test's
+    loop is blocked; returns its URL."""
+    ready: list[int] = []
+
+    async def run() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        ready.append(server.sockets[0].getsockname()[1])
+        await asyncio.sleep(3600)
+
+    threading.Thread(target=asyncio.run, args=(run(),), daemon=True).start()
+    while not ready:
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{ready[0]}"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_keepalive_closed_before_the_request_is_written_takes_another(
+    method: str,
+) -> None:
+    """The upstream's FIN is seen in the same loop turn as the request's step: nothing
+    was sent, so the request goes on a new connection, whatever its method."""
+
+    async def answer_one_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await _read_body(reader, head)
+            writer.write(OK)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # an idle timeout, short
+        finally:
+            writer.close()
+
+    url = _server_in_a_thread(answer_one_then_close)
+    upstream = client(url)
+    body = b"x" if method == "POST" else None
+    try:
+        assert await fetch(upstream, method, body) == b"ok"
+        await asyncio.sleep(0.01)
+        time.sleep(0.1)  # this loop busy: the FIN arrives, unread
+        await asyncio.sleep(0)
+        assert await fetch(upstream, method, body) == b"ok"
+    finally:
+        await upstream.close()
+
+
+async def test_an_answer_dropped_unreleased_gives_its_place_back() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url, limit=1, connect_timeout=0.5)
+        try:
+            answer = await upstream.send("GET", "/a", CIMultiDict(), None)
+            del answer  # an error between the head and the relay, say
+            assert await fetch(upstream) == b"ok"
+        finally:
+            await upstream.close()
+
+
+async def test_the_read_timeout_runs_again_after_an_interim_answer() -> None:
+    server = RawServer(lambda n, head: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+    async with server as url:
+        upstream = client(url, read_timeout=0.3)
+        try:
+            async with asyncio.timeout(3):
+                with pytest.raises(TimeoutError):
+                    await fetch(upstream)
+        finally:
+            await upstream.close()
+
+
+async def test_closing_the_pool_fails_the_waiting_requests_at_once() -> None:
+    server = RawServer()
+    async with server as url:
+        upstream = client(url, limit=1, connect_timeout=30)
+        held = await upstream.send("GET", "/a", CIMultiDict(), None)
+        waiting = asyncio.ensure_future(fetch(upstream))
+        await asyncio.sleep(0.05)
+        await upstream.close()
+        async with asyncio.timeout(1):
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await waiting
+        held.release()
