@@ -325,6 +325,9 @@ class Forwarder:
         )
         exchange = request[EXCHANGE]
         try:
+            # Written at the loop's next turn, with the other answers of this turn (as
+            # requests go upstream, see upstream.Upstream): the callers' side wakes once.
+            await asyncio.sleep(0)
             await response.prepare(request)  # a Response's head waits for its body
             exchange.response_started = True
             await response.write_eof()
