@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -533,6 +534,8 @@ def run_workers(args: argparse.Namespace) -> None:
         try:
             redis.start()
             upstream, version = start_nginx(procs, tmp, None)
+            nginx_pid = procs.started[-1].pid
+            load_us: dict[int, list[float]] = {1: [], 2: []}
             serving: dict[int, Target] = {}
             for workers in (1, 2):
                 env = product_env(upstream, free_port(), redis.url)
@@ -553,6 +556,7 @@ def run_workers(args: argparse.Namespace) -> None:
                     cmd[1] = "-t2"
                     pids = children_of(target.process.pid) or [target.process.pid]
                     before = {p: cpu_seconds(p) for p in pids}
+                    load_before = children_cpu() + cpu_seconds(nginx_pid)
                     port = int(target.url.rpartition(":")[2])
                     # Near the end of the run, while wrk's connections are still open.
                     seen: dict[int, int] = {}
@@ -560,10 +564,12 @@ def run_workers(args: argparse.Namespace) -> None:
                     timer.start()
                     got = run_load(cmd, None, target.process.pid, args.duration + 30)
                     timer.join()
+                    load_cpu = children_cpu() + cpu_seconds(nginx_pid) - load_before
                     per_cpu = {p: cpu_seconds(p) - before[p] for p in pids}
                     result = dataclasses.replace(got, cpu_seconds=sum(per_cpu.values()))
                     if round_no:
                         results[workers].append(result)
+                        load_us[workers].append(load_cpu / max(got.requests, 1) * 1e6)
                     size = request_bytes(scenario, target.url.removeprefix("http://"))
                     split = ", ".join(
                         f"pid {p}: {per_cpu[p]:.2f} s CPU, ~{seen.get(p, 0) // size} req"
@@ -587,6 +593,21 @@ def run_workers(args: argparse.Namespace) -> None:
             f"{m['errors']:>6.0f}"
         )
     print(f"{'2 / 1':<8} {two['rps'] / one['rps']:>7.2f}x")
+    # wrk and nginx share the cores with the workers: two workers can at most reach the
+    # cores' CPU over what a request costs the proxy and the load together.
+    load = statistics.median(load_us[2])
+    ceiling = (os.cpu_count() or 1) * 1e6 / (two["cpu"] + load)
+    print(
+        f"wrk and nginx: {load:.0f} us CPU/req; on {os.cpu_count()} cores two workers can reach "
+        f"at most {ceiling:.0f} req/s ({ceiling / one['rps']:.2f}x one worker), "
+        f"and reached {two['rps'] / ceiling:.0%} of it"
+    )
+
+
+def children_cpu() -> float:
+    """utime + stime of this process's finished children (each wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def loadavg() -> str:
