@@ -213,9 +213,10 @@ class Upstream:
       (first come, first served: a released connection goes to the first waiting request),
       and the wait and the connect together last at most `connect_timeout` (`TimeoutError`).
     - A connection idle for `keepalive` seconds is closed.
-    - An idempotent request whose reused connection turns out closed by the upstream
-      (a keep-alive it dropped) is sent once more on a new connection (RFC 9112 §9.3.1),
-      as aiohttp does; a streamed body is never resent.
+    - A request whose connection is found closed before it is written (a keep-alive the
+      upstream dropped) takes another, whatever its method: nothing was sent. An
+      idempotent one whose reused connection fails once sent is sent once more on a new
+      connection (RFC 9112 §9.3.1), as aiohttp does; a streamed body is never resent.
 
     Raises `TimeoutError`, `UnreadableAnswer`, `aiohttp.ClientError` (the connection
     failed or closed, or a streamed body failed) or `OSError` (no connection).
