@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 import time
@@ -79,12 +80,18 @@ async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-def client(url: str, **overrides: Any) -> Upstream:
+@contextlib.asynccontextmanager
+async def client(url: str, **overrides: Any) -> AsyncIterator[Upstream]:
+    """An `Upstream` for `url` (small limits, overridable), closed at the end."""
     options: dict[str, Any] = {
         "limit": 4, "keepalive": 30.0, "connect_timeout": 2.0, "read_timeout": 2.0,
         "max_headers": 100,
     }  # fmt: skip
-    return Upstream(url, **{**options, **overrides})
+    upstream = Upstream(url, **{**options, **overrides})
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
 
 
 async def fetch(upstream: Upstream, method: str = "GET", body: Any = None) -> bytes:
@@ -98,11 +105,8 @@ async def fetch(upstream: Upstream, method: str = "GET", body: Any = None) -> by
 async def test_one_connection_serves_requests_in_turn() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             assert [await fetch(upstream) for _ in range(3)] == [b"ok"] * 3
-        finally:
-            await upstream.close()
     assert server.connections == 1
     assert server.heads[0].startswith(b"GET /api/v1.3/getHotels HTTP/1.1\r\nHost: 127.0.0.1:")
 
@@ -110,8 +114,7 @@ async def test_one_connection_serves_requests_in_turn() -> None:
 async def test_a_full_pool_waits_for_a_connection_then_times_out() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url, limit=1, connect_timeout=0.3)
-        try:
+        async with client(url, limit=1, connect_timeout=0.3) as upstream:
             held = await upstream.send("GET", "/a", CIMultiDict(), None)
             waiting = asyncio.ensure_future(fetch(upstream))
             await asyncio.sleep(0.1)
@@ -123,8 +126,6 @@ async def test_a_full_pool_waits_for_a_connection_then_times_out() -> None:
                 await fetch(upstream)
             held.release()
             assert await fetch(upstream) == b"ok"  # the timed-out wait left the pool sound
-        finally:
-            await upstream.close()
     assert server.connections == 1
 
 
@@ -132,27 +133,21 @@ async def test_an_answer_left_unread_closes_its_connection() -> None:
     big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1_000_000
     server = RawServer(lambda n, head: big)
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             answer = await upstream.send("GET", "/a", CIMultiDict(), None)
             answer.release()  # its body not read
             assert len(await fetch(upstream)) == 1_000_000
-        finally:
-            await upstream.close()
     assert server.connections == 2
 
 
 async def test_idle_connections_close_after_the_keepalive() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url, keepalive=0.2)
-        try:
+        async with client(url, keepalive=0.2) as upstream:
             await fetch(upstream)
             await asyncio.sleep(0.6)
             assert server.closed == 1
             assert await fetch(upstream) == b"ok"
-        finally:
-            await upstream.close()
     assert server.connections == 2
 
 
@@ -163,16 +158,13 @@ async def test_a_dropped_keepalive_is_retried_only_for_idempotent_methods(
     # Each connection answers its first request, then closes on the next without answering.
     server = RawServer(lambda n, head: OK if n == 0 else None)
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             await fetch(upstream, method, b"x" if method == "POST" else None)
             if retried:
                 assert await fetch(upstream, method) == b"ok"
             else:
                 with pytest.raises(aiohttp.ServerDisconnectedError):
                     await fetch(upstream, method, b"x")
-        finally:
-            await upstream.close()
     assert server.connections == (2 if retried else 1)
 
 
@@ -183,15 +175,12 @@ async def test_a_streamed_body_goes_chunked_unless_it_has_a_length() -> None:
 
     server = RawServer()
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             answer = await upstream.send("POST", "/a", CIMultiDict(), parts())
             answer.release()
             sized = CIMultiDict({"Content-Length": "13"})
             answer = await upstream.send("POST", "/a", sized, parts())
             answer.release()
-        finally:
-            await upstream.close()
     assert server.bodies == [b"one,two,three"] * 2
     assert b"Transfer-Encoding: chunked\r\n" in server.heads[0]
     assert b"Transfer-Encoding" not in server.heads[1]
@@ -204,51 +193,41 @@ async def test_a_failing_streamed_body_fails_the_answer_and_the_connection() -> 
 
     server = RawServer()
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             with pytest.raises(aiohttp.ClientConnectionError):
                 await upstream.send("POST", "/a", CIMultiDict(), broken())
             assert await fetch(upstream) == b"ok"
-        finally:
-            await upstream.close()
     assert server.connections == 2
 
 
 async def test_an_unparsable_head_is_unreadable_answer() -> None:
     server = RawServer(lambda n, head: b"NOT HTTP AT ALL\r\n\r\n")
     async with server as url:
-        upstream = client(url)
-        try:
+        async with client(url) as upstream:
             with pytest.raises(UnreadableAnswer):
                 await fetch(upstream)
-        finally:
-            await upstream.close()
 
 
 async def test_interim_answers_are_skipped_and_a_path_prefix_is_kept() -> None:
     server = RawServer(lambda n, head: b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
     async with server as url:
-        upstream = client(url + "/prefix/")
-        try:
+        async with client(url + "/prefix/") as upstream:
             answer = await upstream.send("GET", "/a?b=1", CIMultiDict(), None)
             assert (answer.status, answer.content_length) == (200, 2)
             answer.release()
-        finally:
-            await upstream.close()
     assert server.heads[0].startswith(b"GET /prefix/a?b=1 HTTP/1.1\r\n")
 
 
 async def test_waiting_requests_get_connections_in_arrival_order() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url, limit=1)
         done: list[int] = []
 
         async def one(n: int) -> None:
             await fetch(upstream)
             done.append(n)
 
-        try:
+        async with client(url, limit=1) as upstream:
             held = await upstream.send("GET", "/a", CIMultiDict(), None)
             waiting = [asyncio.ensure_future(one(n)) for n in range(4)]
             await asyncio.sleep(0.05)
@@ -257,8 +236,6 @@ async def test_waiting_requests_get_connections_in_arrival_order() -> None:
             # released connection.
             waiting.append(asyncio.ensure_future(one(4)))
             await asyncio.gather(*waiting)
-        finally:
-            await upstream.close()
     assert done == [0, 1, 2, 3, 4]
     assert server.connections == 1
 
@@ -283,18 +260,12 @@ async def test_an_https_upstream_is_verified_against_the_trusted_cas(
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        untrusting = client(f"https://127.0.0.1:{port}")
-        try:
+        async with client(f"https://127.0.0.1:{port}") as untrusting:
             with pytest.raises(ssl.SSLCertVerificationError):
                 await fetch(untrusting)
-        finally:
-            await untrusting.close()
         monkeypatch.setenv("SSL_CERT_FILE", str(files.ca))
-        trusting = client(f"https://127.0.0.1:{port}")
-        try:
+        async with client(f"https://127.0.0.1:{port}") as trusting:
             assert await fetch(trusting) == b"over https"
-        finally:
-            await trusting.close()
     finally:
         await runner.cleanup()
 
@@ -335,51 +306,42 @@ async def test_a_keepalive_closed_before_the_request_is_written_takes_another(
             writer.close()
 
     url = _server_in_a_thread(answer_one_then_close)
-    upstream = client(url)
     body = b"x" if method == "POST" else None
-    try:
+    async with client(url) as upstream:
         assert await fetch(upstream, method, body) == b"ok"
         await asyncio.sleep(0.01)
         time.sleep(0.1)  # this loop busy: the FIN arrives, unread
         await asyncio.sleep(0)
         assert await fetch(upstream, method, body) == b"ok"
-    finally:
-        await upstream.close()
 
 
 async def test_an_answer_dropped_unreleased_gives_its_place_back() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url, limit=1, connect_timeout=0.5)
-        try:
+        async with client(url, limit=1, connect_timeout=0.5) as upstream:
             answer = await upstream.send("GET", "/a", CIMultiDict(), None)
             del answer  # an error between the head and the relay, say
             assert await fetch(upstream) == b"ok"
-        finally:
-            await upstream.close()
 
 
 async def test_the_read_timeout_runs_again_after_an_interim_answer() -> None:
     server = RawServer(lambda n, head: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
     async with server as url:
-        upstream = client(url, read_timeout=0.3)
-        try:
+        async with client(url, read_timeout=0.3) as upstream:
             async with asyncio.timeout(3):
                 with pytest.raises(TimeoutError):
                     await fetch(upstream)
-        finally:
-            await upstream.close()
 
 
 async def test_closing_the_pool_fails_the_waiting_requests_at_once() -> None:
     server = RawServer()
     async with server as url:
-        upstream = client(url, limit=1, connect_timeout=30)
-        held = await upstream.send("GET", "/a", CIMultiDict(), None)
-        waiting = asyncio.ensure_future(fetch(upstream))
-        await asyncio.sleep(0.05)
-        await upstream.close()
-        async with asyncio.timeout(1):
-            with pytest.raises(aiohttp.ClientConnectionError):
-                await waiting
-        held.release()
+        async with client(url, limit=1, connect_timeout=30) as upstream:
+            held = await upstream.send("GET", "/a", CIMultiDict(), None)
+            waiting = asyncio.ensure_future(fetch(upstream))
+            await asyncio.sleep(0.05)
+            await upstream.close()  # closing twice (again at the end) is harmless
+            async with asyncio.timeout(1):
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await waiting
+            held.release()
